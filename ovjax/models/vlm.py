@@ -1,0 +1,197 @@
+"""LLaVA-OneVision-1.5: RICE-ViT -> 2x2 patch merger -> Qwen3, image features scattered in order into the
+`<|image_pad|>` positions of each row.
+
+Batch layout (design.md, "The packed batch"): tokens/positions/segment_ids [B, T]; patches [B, P, 588],
+patch_segment [B, P], patch_hw [B, P, 2]. The k-th `<|image_pad|>` of a row receives the k-th merged feature
+of that row (4 consecutive patches of one image make one feature).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ovjax.models.projector import PatchMerger
+from ovjax.models.qwen3 import Qwen3
+from ovjax.models.vision import VisionTower
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name) -> Any:
+    if not isinstance(name, str):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def scatter_image_features(embeds, tokens, features, image_token_id: int):
+    """embeds [B, T, H], tokens [B, T], features [B, F, H] -> embeds with the k-th image token of each row
+    replaced by features[:, k]. Rows with more image tokens than features reuse the last one (the data
+    layer guarantees equal counts; `check_image_tokens` verifies it outside jit)."""
+    is_image = tokens == image_token_id
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class VLM(nn.Module):
+    """The whole model. Parameters: visual (ViT), merger, language_model (Qwen3)."""
+    cfg: Any  # a model config (configs/models.py), frozen
+
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
+        if c.vision is not None:
+            self.visual = VisionTower(c.vision, c.attention_impl, c.remat, **kw)
+            self.merger = PatchMerger(c.vision, **kw)
+        self.language_model = Qwen3(c.text, c.attention_impl, c.remat, **kw)
+
+    def image_features(self, patches, patch_segment, patch_hw, num_images: int):
+        """-> merged features [B, P/4, H_text]."""
+        return self.merger(self.visual(patches, patch_segment, patch_hw, num_images))
+
+    def embed(self, tokens, patches=None, patch_segment=None, patch_hw=None, num_images: int = 0):
+        """Token embeddings with image features in place: [B, T, H]."""
+        x = self.language_model.embed(tokens)
+        if patches is not None:
+            feats = self.image_features(patches, patch_segment, patch_hw, num_images)
+            x = scatter_image_features(x, tokens, feats, self.cfg.image_token_id)
+        return x
+
+    def __call__(self, tokens, positions, segment_ids, patches=None, patch_segment=None, patch_hw=None,
+                 num_images: int = 0, cache=None):
+        """-> (hidden [B, T, H] after the final norm, cache). Use `logits` for the vocabulary projection."""
+        x = self.embed(tokens, patches, patch_segment, patch_hw, num_images)
+        return self.language_model(x, positions, segment_ids, cache)
+
+    def logits(self, hidden):
+        return self.language_model.logits(hidden)
+
+    def head_kernel(self):
+        return self.language_model.head_kernel()
+
+
+def freeze(cfg) -> ml_collections.FrozenConfigDict:
+    return cfg if isinstance(cfg, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(cfg)
+
+
+def check_image_tokens(tokens, patch_segment, image_token_id: int, merge: int = 2) -> None:
+    """Raise ValueError if a row's image-token count differs from its merged-feature count (host side)."""
+    tokens = np.asarray(tokens)
+    n_tokens = (tokens == image_token_id).sum(axis=1)
+    n_feats = (np.asarray(patch_segment) > 0).sum(axis=1) // (merge * merge)
+    bad = np.nonzero(n_tokens != n_feats)[0]
+    if bad.size:
+        r = int(bad[0])
+        raise ValueError(f"row {r} has {int(n_tokens[r])} image tokens but {int(n_feats[r])} image features")
+
+
+def patch_positions(grid_thw, merge: int = 2) -> np.ndarray:
+    """(h, w) of each patch of a (t, h, w) grid in the 2x2-block order, frames one after another: int32 [t*h*w, 2]."""
+    t, h, w = (int(x) for x in grid_thw)
+    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    def block_order(a):
+        return a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+    one = np.stack([block_order(hh), block_order(ww)], axis=-1).astype(np.int32)
+    return np.tile(one, (t, 1))
+
+
+def upstream_to_batch(input_ids, pixel_values=None, image_grid_thw=None, *, image_token_id: int, merge: int = 2,
+                      patch_multiple: int = 4) -> dict:
+    """The upstream processor's layout -> our batch (numpy).
+
+    input_ids [B, T]; pixel_values [sum t*h*w, 588] (all images of the batch, row after row);
+    image_grid_thw [N, 3]. Images go to rows in order of their image tokens. Positions are 0..T-1 and every
+    token is in segment 1 (as upstream: no padding handling). Each video frame / image is its own ViT segment.
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    batch = {"tokens": input_ids.astype(np.int32),
+             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+             "segment_ids": np.ones((b, t), np.int32)}
+    n_image_tokens = (input_ids == image_token_id).sum(axis=1)
+    if pixel_values is None:
+        if n_image_tokens.any():
+            raise ValueError(f"input_ids hold {int(n_image_tokens.sum())} image tokens but no pixel_values were given")
+        return batch
+    pixel_values = np.asarray(pixel_values, np.float32)
+    grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    sizes = grids.prod(axis=1)
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != sizes.sum():
+        raise ValueError(f"pixel_values {pixel_values.shape} do not hold the {int(sizes.sum())} patches of "
+                         f"image_grid_thw {grids.tolist()}")
+    if ((grids[:, 1] % merge) | (grids[:, 2] % merge)).any() or (grids <= 0).any():
+        raise ValueError(f"image grids {grids.tolist()} must be positive with h, w divisible by {merge}")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    # Assign images to rows: row r takes images until its image-token count is used up.
+    rows, img = [], 0
+    for r in range(b):
+        need, mine = int(n_image_tokens[r]), []
+        while need > 0:
+            if img >= len(grids):
+                raise ValueError(f"row {r} has more image tokens than the images given")
+            mine.append(img)
+            need -= int(sizes[img]) // (merge * merge)
+            img += 1
+        if need < 0:
+            raise ValueError(f"row {r}: image tokens do not match whole images")
+        rows.append(mine)
+    if img != len(grids):
+        raise ValueError(f"{len(grids) - img} images were given beyond the image tokens of input_ids")
+    per_row = [int(sum(sizes[i] for i in mine)) for mine in rows]
+    p = max(max(per_row), 1)
+    p = -(-p // patch_multiple) * patch_multiple
+    patches = np.zeros((b, p, pixel_values.shape[1]), np.float32)
+    segment = np.zeros((b, p), np.int32)
+    hw = np.zeros((b, p, 2), np.int32)
+    # Segments are numbered across the whole batch (as the upstream's one flat ViT call sees them), so
+    # `remote_code_cls_shift` treats exactly the images the upstream treats as "after the first".
+    seg = 0
+    for r, mine in enumerate(rows):
+        at = 0
+        for i in mine:
+            tt, hh, ww = (int(x) for x in grids[i])
+            n = tt * hh * ww
+            patches[r, at:at + n] = pixel_values[offsets[i]:offsets[i + 1]]
+            segment[r, at:at + n] = seg + 1 + np.repeat(np.arange(tt), hh * ww)
+            hw[r, at:at + n] = patch_positions(grids[i], merge)
+            at += n
+            seg += tt
+    batch.update(patches=patches, patch_segment=segment, patch_hw=hw, num_images=max(seg, 1))
+    return batch
+
+
+def example_batch(cfg, batch: int = 1, seq_len: int = 8, max_patches: int = 4) -> dict:
+    """Zero inputs of the right structure for `init` / `jax.eval_shape` (text-only when cfg.vision is None)."""
+    out = {"tokens": jnp.zeros((batch, seq_len), jnp.int32), "positions": jnp.zeros((batch, seq_len), jnp.int32),
+           "segment_ids": jnp.ones((batch, seq_len), jnp.int32)}
+    if cfg.vision is not None:
+        v = cfg.vision
+        pix = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        out.update(patches=jnp.zeros((batch, max_patches, pix), jnp.float32),
+                   patch_segment=jnp.zeros((batch, max_patches), jnp.int32),
+                   patch_hw=jnp.zeros((batch, max_patches, 2), jnp.int32))
+    return out
+
+
+def init_params(cfg, rng, *, boxed: bool = False):
+    """Random params of `cfg`. boxed=True keeps the logical-axis metadata (nn.Partitioned) for sharding."""
+    module = VLM(freeze(cfg))
+    b = example_batch(cfg)
+    variables = module.init(rng, b["tokens"], b["positions"], b["segment_ids"], b.get("patches"),
+                            b.get("patch_segment"), b.get("patch_hw"), num_images=1 if cfg.vision is not None else 0)
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg, *, boxed: bool = False):
+    """Shapes and dtypes of the params, nothing allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), boxed=boxed))
