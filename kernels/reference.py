@@ -19,7 +19,7 @@ def attention_mask(q_segment_ids, kv_segment_ids, causal: bool, q_positions=None
     Tokens attend only within their own segment id (padding, id 0, attends to padding only, so no row is
     ever empty). With `causal`, key position <= query position; positions default to 0..T-1 / 0..S-1.
     """
-    b, t = q_segment_ids.shape
+    t = q_segment_ids.shape[1]
     s = kv_segment_ids.shape[1]
     mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     if causal:
@@ -30,11 +30,12 @@ def attention_mask(q_segment_ids, kv_segment_ids, causal: bool, q_positions=None
 
 
 def mha_reference(q, k, v, segment_ids=None, causal: bool = False, *, sm_scale: float | None = None,
-                  kv_segment_ids=None, q_positions=None, kv_positions=None):
+                  kv_segment_ids=None, q_positions=None, kv_positions=None, q_chunk_size: int | None = 1024):
     """Attention output [B, T, Hq, D] (dtype of q), softmax in float32.
 
     segment_ids: int [B, T] for the queries (None: one segment); kv_segment_ids: int [B, S] for the keys
-    (defaults to segment_ids, which needs S == T).
+    (defaults to segment_ids, which needs S == T). q_chunk_size: above this many queries (when it divides T)
+    the queries are processed in chunks to bound memory; None = never.
     """
     b, t, hq, d = q.shape
     _, s, hkv, _ = k.shape
@@ -50,8 +51,31 @@ def mha_reference(q, k, v, segment_ids=None, causal: bool = False, *, sm_scale: 
         if s != t:
             raise ValueError("kv_segment_ids are needed when keys and queries differ in length")
         kv_segment_ids = segment_ids
-    mask = attention_mask(segment_ids, kv_segment_ids, causal, q_positions, kv_positions)
+    if q_positions is None and causal:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    chunk = q_chunk_size or t
+    if t <= chunk or t % chunk:
+        return _attend(q, k, v, segment_ids, kv_segment_ids, causal, q_positions, kv_positions, scale, groups)
 
+    # Long sequences: queries in chunks under a scan, so the [T, S] logits never exist at once
+    # (memory O(chunk * S) instead of O(T * S)); the same math per query row.
+    n = t // chunk
+
+    def split(x):
+        return None if x is None else jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+    def body(_, xs):
+        qc, sc, pc = xs
+        return None, _attend(qc, k, v, sc, kv_segment_ids, causal, pc, kv_positions, scale, groups)
+
+    _, out = jax.lax.scan(body, None, (split(q), split(segment_ids), split(q_positions)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, hq, d)
+
+
+def _attend(q, k, v, q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions, scale, groups):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    mask = attention_mask(q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions)
     qg = q.reshape(b, t, hkv, groups, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
