@@ -96,10 +96,12 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     encoding its string does not give exactly that one id.
     """
     vocab = tokenizer.get_vocab()
+    missing = [s for s in SPECIAL_TOKENS if s not in vocab]
+    if missing:
+        raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} lacks the special token(s) "
+                             f"{' '.join(missing)}")
     ids: dict[str, int] = {}
     for s in SPECIAL_TOKENS:
-        if s not in vocab:
-            raise TokenizerError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {s} token")
         tid = int(vocab[s])
         enc = tokenizer.encode(s, add_special_tokens=False)
         if list(enc) != [tid]:
