@@ -97,24 +97,32 @@ def validate(cfg) -> None:
     """Raise ConfigError naming the field when the numbers do not fit together."""
     v, t = cfg.vision, cfg.text
     problems = []
-    for section, fields in (("vision", ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
-                                        "spatial_merge_size", "out_hidden_size")),
-                            ("text", ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                                      "head_dim", "intermediate_size"))):
+    sections = [("text", ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "intermediate_size"))]
+    if v is not None:  # None: a text-only (plain Qwen3) model
+        sections.append(("vision", ("depth", "hidden_size", "num_heads", "intermediate_size", "patch_size",
+                                    "spatial_merge_size", "out_hidden_size")))
+    for section, fields in sections:
         for f in fields:
             val = cfg[section][f]
             if not isinstance(val, int) or val <= 0:
                 problems.append(f"{section}.{f} must be a positive int, got {val!r}")
     if problems:
         raise ConfigError("; ".join(problems))
-    if v.hidden_size % v.num_heads:
-        problems.append(f"vision.hidden_size {v.hidden_size} is not divisible by vision.num_heads {v.num_heads}")
-    elif (v.hidden_size // v.num_heads) % 4:
-        problems.append(f"vision head_dim {v.hidden_size // v.num_heads} must be divisible by 4 (2-D rotary)")
     if t.num_heads % t.num_kv_heads:
         problems.append(f"text.num_heads {t.num_heads} is not divisible by text.num_kv_heads {t.num_kv_heads}")
     if t.head_dim % 2:
         problems.append(f"text.head_dim {t.head_dim} must be even (rotary)")
+    if cfg.get("attention_impl", "xla") not in ("xla", "pallas", "cudnn", "auto"):
+        problems.append(f"attention_impl {cfg.attention_impl!r} is not one of xla, pallas, cudnn, auto")
+    if v is None:
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return
+    if v.hidden_size % v.num_heads:
+        problems.append(f"vision.hidden_size {v.hidden_size} is not divisible by vision.num_heads {v.num_heads}")
+    elif (v.hidden_size // v.num_heads) % 4:
+        problems.append(f"vision head_dim {v.hidden_size // v.num_heads} must be divisible by 4 (2-D rotary)")
     if v.out_hidden_size != t.hidden_size:
         problems.append(f"vision.out_hidden_size {v.out_hidden_size} != text.hidden_size {t.hidden_size}")
     if v.temporal_patch_size != 1:
@@ -122,8 +130,6 @@ def validate(cfg) -> None:
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if not 0 <= cfg[name] < t.vocab_size:
             problems.append(f"{name} {cfg[name]} is outside the vocabulary (size {t.vocab_size})")
-    if cfg.get("attention_impl", "xla") not in ("xla", "pallas", "cudnn", "auto"):
-        problems.append(f"attention_impl {cfg.attention_impl!r} is not one of xla, pallas, cudnn, auto")
     if problems:
         raise ConfigError("; ".join(problems))
 

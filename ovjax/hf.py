@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ovjax.configs import models as model_configs
-from ovjax.models.vlm import VLM, abstract_params, dtype_of, freeze, upstream_to_batch
+from ovjax.models.vlm import VLM, abstract_params, dtype_of, freeze, init_params, upstream_to_batch
 
 SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -242,7 +242,7 @@ def config_to_hf(cfg, params) -> dict:
         "spatial_merge_size": int(v.spatial_merge_size), "temporal_patch_size": int(v.temporal_patch_size),
         "text_hidden_size": int(params["merger"]["fc2"]["kernel"].shape[1]),
     }
-    text.update({"model_type": "LLaVAOneVision1_5_text", "max_window_layers": int(n_layers), "rope_scaling": None,
+    text.update({"model_type": "LLaVAOneVision1_5_text", "rope_scaling": None,
                  "image_token_id": None, "video_token_id": None})
     return {"architectures": ["LLaVAOneVision1_5_ForConditionalGeneration"], "dtype": _dtype_name(lm["embed_tokens"]),
             "image_token_id": int(cfg.image_token_id), "model_type": "llavaonevision1_5", "text_config": text,
@@ -262,7 +262,7 @@ class Model:
     """A config + a param pytree, with a jit'ed `logits` that takes the upstream processor's layout."""
 
     def __init__(self, cfg, params, source: str | None = None):
-        model_configs.validate(cfg) if cfg.vision is not None else None
+        model_configs.validate(cfg)
         self.cfg = freeze(cfg)
         self.params = params
         self.source = source
@@ -383,8 +383,7 @@ def load(path: str, dtype: str = "float32", *, remote_code_quirks: bool = True) 
     cfg.dtype = cfg.param_dtype = dtype
     if cfg.vision is not None:
         cfg.vision.remote_code_cls_shift = bool(remote_code_quirks)
-    if cfg.vision is not None:
-        model_configs.validate(cfg)
+    model_configs.validate(cfg)
     np_dtype = np.float32 if dtype == "float32" else jnp.dtype(dtype_of(dtype))
     params = load_params(path, cfg, np_dtype)
     _check_shapes(cfg, params)
@@ -466,3 +465,110 @@ def _verify_written(path: str, tensors: dict[str, np.ndarray]) -> None:
 def from_params(cfg, params) -> Model:
     """Wrap a param pytree (e.g. from training) as a Model for `logits` and `save`."""
     return Model(cfg, params)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 0: a RICE-ViT in the MLCD layout (transformers' MLCDVisionModel) + any Qwen3 + a fresh projector
+
+
+def _mlcd_prefix(tensors: dict) -> str:
+    for prefix in ("", "vision_model.", "model.vision_model.", "model."):
+        if prefix + "embeddings.class_embedding" in tensors:
+            return prefix
+    raise CheckpointError("not an MLCD vision checkpoint: no embeddings.class_embedding tensor")
+
+
+def vision_config_from_mlcd(hf: dict, out_hidden: int) -> ml_collections.ConfigDict:
+    hf = hf.get("vision_config", hf)
+    v = model_configs._vision(depth=hf["num_hidden_layers"], hidden=hf["hidden_size"], heads=hf["num_attention_heads"],
+                              mlp=hf["intermediate_size"], out_hidden=out_hidden)
+    v.patch_size = hf.get("patch_size", 14)
+    v.in_channels = hf.get("num_channels", 3)
+    v.layer_norm_eps = float(hf.get("layer_norm_eps", 1e-5))
+    v.rope_theta = float((hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"MLCD hidden_act {hf.get('hidden_act')!r} is not supported (exact gelu only)")
+    return v
+
+
+def vision_params_from_mlcd(tensors: dict, vcfg) -> dict:
+    """MLCD state dict (numpy, any of the usual prefixes) -> our `visual` subtree. post_layernorm is dropped
+    (OV-1.5 uses the last block's raw output)."""
+    p = _mlcd_prefix(tensors)
+    d, heads, depth = vcfg.hidden_size, vcfg.num_heads, vcfg.depth
+    hd = d // heads
+    pix = vcfg.in_channels * vcfg.patch_size ** 2
+
+    def get(key):
+        if p + key not in tensors:
+            raise CheckpointError(f"MLCD checkpoint misses {p + key}")
+        return np.asarray(tensors[p + key], np.float32)
+
+    def stack(fn):
+        return np.stack([fn(n) for n in range(depth)])
+
+    def layer(n, key):
+        return get(f"encoder.layers.{n}.{key}")
+
+    def qkv_kernel(n):  # three [D, D] -> [D, 3, heads, hd]
+        w = np.stack([layer(n, f"self_attn.{x}_proj.weight") for x in "qkv"])  # [3, out, in]
+        return w.reshape(3, heads, hd, d).transpose(3, 0, 1, 2)
+
+    return {
+        "patch_embed": {"kernel": get("embeddings.patch_embedding.weight").reshape(d, pix).T.copy()},
+        "class_embedding": get("embeddings.class_embedding"),
+        "class_pos_emb": get("class_pos_emb"),
+        "pre_layernorm": {"scale": get("pre_layrnorm.weight"), "bias": get("pre_layrnorm.bias")},
+        "blocks": {
+            "norm1": {"scale": stack(lambda n: layer(n, "layer_norm1.weight")),
+                      "bias": stack(lambda n: layer(n, "layer_norm1.bias"))},
+            "norm2": {"scale": stack(lambda n: layer(n, "layer_norm2.weight")),
+                      "bias": stack(lambda n: layer(n, "layer_norm2.bias"))},
+            "qkv": {"kernel": stack(qkv_kernel),
+                    "bias": stack(lambda n: np.stack([layer(n, f"self_attn.{x}_proj.bias") for x in "qkv"])
+                                  .reshape(3, heads, hd))},
+            "proj": {"kernel": stack(lambda n: layer(n, "self_attn.out_proj.weight").T.reshape(heads, hd, d)),
+                     "bias": stack(lambda n: layer(n, "self_attn.out_proj.bias"))},
+            "fc1": {"kernel": stack(lambda n: layer(n, "mlp.fc1.weight").T),
+                    "bias": stack(lambda n: layer(n, "mlp.fc1.bias"))},
+            "fc2": {"kernel": stack(lambda n: layer(n, "mlp.fc2.weight").T),
+                    "bias": stack(lambda n: layer(n, "mlp.fc2.bias"))},
+        },
+    }
+
+
+def _read_all(path: str) -> dict:
+    weight_map = _read_index(path)
+    out = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(path, shard), framework="numpy") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def assemble_stage0(vit_path: str, llm_path: str, *, seed: int = 0, dtype: str = "float32") -> Model:
+    """The stage-0 model: a RICE-ViT (MLCD layout) + a Qwen3 LLM (both hub directories) + a fresh projector.
+    Special token ids keep the Qwen2 defaults of configs/models.py."""
+    with open(os.path.join(llm_path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    if cfg.vision is not None:
+        raise CheckpointError(f"{llm_path} is not a plain Qwen3 checkpoint")
+    with open(os.path.join(vit_path, "config.json")) as f:
+        cfg.vision = vision_config_from_mlcd(json.load(f), cfg.text.hidden_size)
+    for k, v in model_configs.QWEN_TOKENS.items():
+        cfg[k] = v
+    cfg.dtype = cfg.param_dtype = dtype
+    model_configs.validate(cfg)
+    text = load_params(llm_path, _text_only(cfg))
+    fresh = jax.device_get(init_params(cfg, jax.random.PRNGKey(seed)))
+    params = {"visual": vision_params_from_mlcd(_read_all(vit_path), cfg.vision), "merger": fresh["merger"],
+              "language_model": text["language_model"]}
+    _check_shapes(cfg, params)
+    return Model(cfg, jax.tree_util.tree_map(jnp.asarray, params))
+
+
+def _text_only(cfg):
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.vision = None
+    return c
