@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 from PIL import Image
@@ -115,7 +116,9 @@ def decode_image(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageRejected("image_too_large", str(e)) from e
     except Exception as e:  # corrupt data makes decoders raise all kinds of errors; none is usable
-        raise ImageRejected("undecodable", f"{type(e).__name__}: {e}") from e
+        # drop object addresses ("<_io.BytesIO object at 0x...>") so reject logs are reproducible
+        msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "data", str(e))
+        raise ImageRejected("undecodable", f"{type(e).__name__}: {msg}") from e
     return rgb
 
 
