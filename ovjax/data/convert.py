@@ -1,6 +1,6 @@
 """Convert raw datasets into raw-sample ArrayRecord shards (`schema.make_raw`) plus manifest.json.
 
-Inputs (any mix, read in the order given, files of a glob sorted):
+Inputs (any mix; read JSON files, then parquet globs, then tar globs, each in the order given; glob files sorted):
   --json FILE --image-root DIR   LLaVA JSON (a list) or JSONL of {"id", "image": path | [paths] (optional),
                                  "conversations": [{"from"/"role", "value"/"content"}, ...]}; image paths are
                                  relative to the image root and may not leave it ('..', absolute, symlinks).
