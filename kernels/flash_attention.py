@@ -1,0 +1,459 @@
+"""Flash attention in Pallas (Triton lowering): GQA, segment ids, causal or bidirectional, fwd + bwd.
+
+`flash_attention(q, k, v, segment_ids, causal)`: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D], with
+exactly the semantics of `kernels/reference.py` (a query sees the keys of its own segment id; id 0 is an
+ordinary id, so padding sees padding and no row is empty).
+
+Design:
+- K/V are never repeated: query head h reads kv head h // (Hq // Hkv) through its BlockSpec index map, and
+  the dk/dv kernel loops over the query heads of its group.
+- T is padded to a multiple of the blocks and D to a power of two >= 16 (zeros; the scale uses the real D).
+  Padded keys are masked by position; padded queries are sliced away, and their zero cotangents make them
+  contribute nothing to the gradients.
+- Block skipping: outside the kernels, every (query block, key block) pair is classified from per-block
+  min/max segment ids, a 32-bit hash set of the ids and the causal/length structure as
+  full (every key visible to every query: no mask needed), partial (mask needed) or empty. Each program gets
+  the list of its non-empty blocks, full ones first, and runs two plain loops (no branches inside a loop, so
+  Triton can pipeline the loads). The classification is conservative: a pair is only called empty when no
+  segment id can be shared, and only called full when the whole pair is one segment.
+- The forward saves the log-sum-exp (base 2) per query; the backward recomputes probabilities from it in a
+  dq kernel (per query block) and a dk/dv kernel (per key block), both accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # jax 0.10 / 0.11: the Triton backend lives here (deprecated in 0.11, still the Ampere path).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas import triton as _pl_triton
+    _TritonParams = getattr(_pl_triton, "CompilerParams", None) or getattr(_pl_triton, "TritonCompilerParams")
+except (ImportError, AttributeError):  # older names, or a jax without the module
+    _pl_triton = None
+    _TritonParams = getattr(pl, "TritonCompilerParams", None)
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+_MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two >= 16) and Triton launch settings; None picks a heuristic."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dq: int = 128
+    block_k_dq: int = 32
+    block_q_dkv: int = 32
+    block_k_dkv: int = 128
+    num_warps: int | None = None
+    num_warps_bwd: int | None = None
+    num_stages: int | None = 2
+    num_stages_bwd: int | None = 2
+
+    def all_blocks(self) -> tuple[int, ...]:
+        return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv,
+                self.block_k_dkv)
+
+    def clipped(self, seq_len: int) -> "BlockSizes":
+        """Blocks no longer than the sequence rounded up to a power of two (so short inputs pad little)."""
+        cap = max(_MIN_BLOCK, pl.next_power_of_2(seq_len))
+        return dataclasses.replace(self, **{f.name: min(getattr(self, f.name), cap)
+                                            for f in dataclasses.fields(self) if f.name.startswith("block_")})
+
+    def validate(self) -> None:
+        for b in self.all_blocks():
+            if b < _MIN_BLOCK or b & (b - 1):
+                raise ValueError(f"block sizes must be powers of two >= {_MIN_BLOCK}, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one padded call (hashable: it is a non-differentiable custom_vjp argument)."""
+
+    causal: bool
+    sm_scale: float
+    kv_len: int  # real sequence length; keys at positions >= kv_len are padding
+    padded_len: int
+    use_segments: bool
+    blocks: BlockSizes
+    interpret: bool
+
+
+def _padded_head_dim(d: int) -> int:
+    return max(_MIN_BLOCK, pl.next_power_of_2(d))
+
+
+def _compiler_params(num_warps, num_stages):
+    if _TritonParams is None:
+        return None
+    return _TritonParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block schedule (plain XLA, outside the kernels)
+# ----------------------------------------------------------------------------------------------------------
+
+def _block_summary(seg, block):
+    """Per-block min, max and 32-bit hash set of segment ids: seg [B, Tp] -> three [B, Tp // block]."""
+    b, tp = seg.shape
+    s = seg.reshape(b, tp // block, block)
+    bits = jnp.left_shift(jnp.uint32(1), (s & 31).astype(jnp.uint32))
+    bits = lax.reduce(bits, jnp.uint32(0), lax.bitwise_or, (2,))
+    return s.min(axis=2), s.max(axis=2), bits
+
+
+def _block_classes(seg, block_q, block_k, cfg: _Config):
+    """Class of each (query block, key block) pair: 0 full, 1 partial, 2 empty. int32 [B, nq, nk]."""
+    b, tp = seg.shape
+    nq, nk = tp // block_q, tp // block_k
+    q_first = jnp.arange(nq)[:, None] * block_q
+    q_last = q_first + block_q - 1
+    k_first = jnp.arange(nk)[None, :] * block_k
+    k_last = k_first + block_k - 1
+    visible = k_first < cfg.kv_len
+    full = k_last < cfg.kv_len
+    if cfg.causal:
+        visible = visible & (k_first <= q_last)
+        full = full & (k_last <= q_first)
+    visible = jnp.broadcast_to(visible, (b, nq, nk))
+    full = jnp.broadcast_to(full, (b, nq, nk))
+    if cfg.use_segments:
+        qmin, qmax, qbits = _block_summary(seg, block_q)
+        kmin, kmax, kbits = _block_summary(seg, block_k)
+        share = ((qmin[:, :, None] <= kmax[:, None, :]) & (kmin[:, None, :] <= qmax[:, :, None])
+                 & ((qbits[:, :, None] & kbits[:, None, :]) != 0))
+        one_segment = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
+                       & (qmin[:, :, None] == kmin[:, None, :]))
+        visible = visible & share
+        full = full & one_segment
+    full = full & visible
+    return jnp.where(full, 0, jnp.where(visible, 1, 2)).astype(jnp.int32)
+
+
+def _schedule(classes):
+    """Per row of `classes` [B, nA, nB]: int32 [B, nA, 2 + nB] = [n_full, n_visible, block ids...].
+
+    Block ids are ordered full first, then partial, then empty (never read), each in increasing order.
+    """
+    nb = classes.shape[-1]
+    order = jnp.argsort(classes * nb + jnp.arange(nb, dtype=jnp.int32), axis=-1).astype(jnp.int32)
+    n_full = jnp.sum(classes == 0, axis=-1, dtype=jnp.int32)
+    n_visible = jnp.sum(classes < 2, axis=-1, dtype=jnp.int32)
+    return jnp.concatenate([n_full[..., None], n_visible[..., None], order], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels. Refs are 2-D tiles [rows, Dp] unless noted; `sched_ref` is this program's schedule row.
+# ----------------------------------------------------------------------------------------------------------
+
+def _visible(q_pos, k_pos, seg_q, seg_k, cfg: _Config, transposed: bool):
+    """Boolean mask [len(q), len(k)] (or its transpose) of the keys each query may see; None: all visible."""
+    def outer(a, b):  # a indexes rows of the result, b columns
+        return a[:, None], b[None, :]
+
+    conds = []
+    if cfg.use_segments:
+        a, b = outer(seg_k, seg_q) if transposed else outer(seg_q, seg_k)
+        conds.append(a == b)
+    if cfg.causal:
+        if transposed:
+            kp, qp = outer(k_pos, q_pos)
+        else:
+            qp, kp = outer(q_pos, k_pos)
+        conds.append(kp <= qp)
+    if cfg.kv_len < cfg.padded_len:
+        kp = k_pos[:, None] if transposed else k_pos[None, :]
+        conds.append(kp < cfg.kv_len)
+    if not conds:
+        return None
+    return functools.reduce(jnp.logical_and, conds)
+
+
+def _scores(a, b, scale):
+    """a [m, Dp] . b [n, Dp]^T in float32, times `scale` -> [m, n]."""
+    s = lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return s * scale
+
+
+def _fwd_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    """One query block of one head: o [bq, Dp], lse [bq] (base-2 log-sum-exp of the scaled logits)."""
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    dp = q_ref.shape[-1]
+    q = q_ref[...]
+    q_pos = pl.program_id(0) * bq + jnp.arange(bq, dtype=jnp.int32)
+    seg_q = segq_ref[...] if cfg.use_segments else None
+    scale = cfg.sm_scale * _LOG2E
+
+    def step(t, carry, masked):
+        acc, m, l = carry
+        start = pl.multiple_of(sched_ref[2 + t] * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s = _scores(q, k, scale)
+        if masked:
+            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
+            seg_k = segk_ref[pl.ds(start, bk)] if cfg.use_segments else None
+            mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=False)
+            if mask is not None:
+                s = jnp.where(mask, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((bq, dp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+             jnp.zeros((bq,), jnp.float32))
+    n_full, n_visible = sched_ref[0], sched_ref[1]
+    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), carry)
+    # Only a padded query can have no visible key; keep it finite (0 output, +inf lse => p = 0 in the bwd).
+    empty = l == 0.0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _dq_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               cfg: _Config):
+    """dq [bq, Dp] of one query block of one head, from the saved lse and delta = rowsum(o * do)."""
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_pos = pl.program_id(0) * bq + jnp.arange(bq, dtype=jnp.int32)
+    seg_q = segq_ref[...] if cfg.use_segments else None
+    scale = cfg.sm_scale * _LOG2E
+
+    def step(t, dq, masked):
+        start = pl.multiple_of(sched_ref[2 + t] * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s = _scores(q, k, scale)
+        if masked:
+            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
+            seg_k = segk_ref[pl.ds(start, bk)] if cfg.use_segments else None
+            mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=False)
+            if mask is not None:
+                s = jnp.where(mask, s, _MASK_VALUE)
+        p = jnp.exp2(s - lse[:, None])
+        dp = _scores(do, v, 1.0)
+        ds = p * (dp - delta[:, None])
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    n_full, n_visible = sched_ref[0], sched_ref[1]
+    dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(n_full, n_visible, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, cfg: _Config, groups: int):
+    """dk, dv [bk, Dp] of one key block of one kv head, summed over the `groups` query heads that share it.
+
+    q_ref, do_ref: [Tp, groups, Dp]; lse_ref, delta_ref: [groups, Tp]. Works on transposed scores [bk, bq].
+    """
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    k = k_ref[...]
+    v = v_ref[...]
+    k_pos = pl.program_id(0) * bk + jnp.arange(bk, dtype=jnp.int32)
+    seg_k = segk_ref[...] if cfg.use_segments else None
+    scale = cfg.sm_scale * _LOG2E
+    n_full, n_visible = sched_ref[0], sched_ref[1]
+
+    def step(t, carry, g, masked):
+        dk, dv = carry
+        start = pl.multiple_of(sched_ref[2 + t] * bq, bq)
+        q = q_ref[pl.ds(start, bq), g, :]
+        do = do_ref[pl.ds(start, bq), g, :]
+        lse = lse_ref[g, pl.ds(start, bq)]
+        delta = delta_ref[g, pl.ds(start, bq)]
+        s_t = _scores(k, q, scale)
+        if masked:
+            q_pos = start + jnp.arange(bq, dtype=jnp.int32)
+            seg_q = segq_ref[pl.ds(start, bq)] if cfg.use_segments else None
+            mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=True)
+            if mask is not None:
+                s_t = jnp.where(mask, s_t, _MASK_VALUE)
+        p_t = jnp.exp2(s_t - lse[None, :])
+        dv = dv + jnp.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp_t = _scores(v, do, 1.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dk + jnp.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    def one_head(g, carry):
+        carry = lax.fori_loop(0, n_full, functools.partial(step, g=g, masked=False), carry)
+        return lax.fori_loop(n_full, n_visible, functools.partial(step, g=g, masked=True), carry)
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if groups == 1:
+        dk, dv = one_head(0, carry)
+    else:
+        dk, dv = lax.fori_loop(0, groups, one_head, carry)
+    dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pallas_call wrappers on padded inputs: q [B, Tp, Hq, Dp], k/v [B, Tp, Hkv, Dp], seg int32 [B, Tp]
+# ----------------------------------------------------------------------------------------------------------
+
+def _warps(explicit, dp):
+    return explicit if explicit is not None else (4 if dp <= 64 else 8)
+
+
+def _fwd_call(q, k, v, seg, cfg: _Config):
+    """-> o [B, Tp, Hq, Dp] (dtype of q), lse [B, Hq, Tp] float32."""
+    b, tp, hq, dp = q.shape
+    groups = hq // k.shape[2]
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+    sched = _schedule(_block_classes(seg, bq, bk, cfg))
+    q_tile = pl.BlockSpec((None, bq, None, dp), lambda i, bi, h: (bi, i, h, 0))
+    kv_full = pl.BlockSpec((None, tp, None, dp), lambda i, bi, h: (bi, 0, h // groups, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=(tp // bq, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, None, sched.shape[-1]), lambda i, bi, h: (bi, i, 0)),
+            pl.BlockSpec((None, bq), lambda i, bi, h: (bi, i)),
+            pl.BlockSpec((None, tp), lambda i, bi, h: (bi, 0)),
+            q_tile, kv_full, kv_full,
+        ],
+        out_specs=[q_tile, pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
+        compiler_params=_compiler_params(_warps(cfg.blocks.num_warps, dp), cfg.blocks.num_stages),
+        interpret=cfg.interpret,
+        name="ovjax_flash_fwd",
+    )(sched, seg, seg, q, k, v)
+
+
+def _dq_call(q, k, v, seg, do, lse, delta, cfg: _Config):
+    b, tp, hq, dp = q.shape
+    groups = hq // k.shape[2]
+    bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+    sched = _schedule(_block_classes(seg, bq, bk, cfg))
+    q_tile = pl.BlockSpec((None, bq, None, dp), lambda i, bi, h: (bi, i, h, 0))
+    kv_full = pl.BlockSpec((None, tp, None, dp), lambda i, bi, h: (bi, 0, h // groups, 0))
+    row_tile = pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, i))
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(tp // bq, b, hq),
+        in_specs=[
+            pl.BlockSpec((None, None, sched.shape[-1]), lambda i, bi, h: (bi, i, 0)),
+            pl.BlockSpec((None, bq), lambda i, bi, h: (bi, i)),
+            pl.BlockSpec((None, tp), lambda i, bi, h: (bi, 0)),
+            q_tile, kv_full, kv_full, q_tile, row_tile, row_tile,
+        ],
+        out_specs=q_tile,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(_warps(cfg.blocks.num_warps_bwd, dp), cfg.blocks.num_stages_bwd),
+        interpret=cfg.interpret,
+        name="ovjax_flash_dq",
+    )(sched, seg, seg, q, k, v, do, lse, delta)
+
+
+def _dkv_call(q, k, v, seg, do, lse, delta, cfg: _Config):
+    b, tp, hq, dp = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+    sched = _schedule(jnp.swapaxes(_block_classes(seg, bq, bk, cfg), 1, 2))
+    k_tile = pl.BlockSpec((None, bk, None, dp), lambda j, bi, h: (bi, j, h, 0))
+    q_group = pl.BlockSpec((None, tp, groups, dp), lambda j, bi, h: (bi, 0, h, 0))
+    rows_group = pl.BlockSpec((None, groups, tp), lambda j, bi, h: (bi, h, 0))
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, groups=groups),
+        grid=(tp // bk, b, hkv),
+        in_specs=[
+            pl.BlockSpec((None, None, sched.shape[-1]), lambda j, bi, h: (bi, j, 0)),
+            pl.BlockSpec((None, tp), lambda j, bi, h: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j)),
+            q_group, k_tile, k_tile, q_group, rows_group, rows_group,
+        ],
+        out_specs=[k_tile, k_tile],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_compiler_params(_warps(cfg.blocks.num_warps_bwd, dp), cfg.blocks.num_stages_bwd),
+        interpret=cfg.interpret,
+        name="ovjax_flash_dkv",
+    )(sched, seg, seg, q, k, v, do, lse, delta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, cfg: _Config):
+    return _fwd_call(q, k, v, seg, cfg)[0]
+
+
+def _flash_fwd(q, k, v, seg, cfg: _Config):
+    o, lse = _fwd_call(q, k, v, seg, cfg)
+    return o, (q, k, v, seg, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, seg, o, lse = res
+    # delta_i = sum_d o_id * do_id: the softmax-jacobian term, [B, Hq, Tp] float32.
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    dq = _dq_call(q, k, v, seg, do, lse, delta, cfg)
+    dk, dv = _dkv_call(q, k, v, seg, do, lse, delta, cfg)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+def flash_attention(q, k, v, segment_ids=None, causal: bool = False, *, sm_scale: float | None = None,
+                    interpret: bool = False, block_sizes: BlockSizes | None = None):
+    """Attention [B, T, Hq, D] for q [B, T, Hq, D], k/v [B, T, Hkv, D], segment_ids int [B, T] or None.
+
+    Same semantics as `ovjax.kernels.reference.mha_reference` (self-attention only: keys and queries share
+    length and segment ids). float32 or bfloat16 inputs, float32 accumulation; differentiable in q, k, v.
+    `interpret=True` runs the kernels in the Pallas interpreter (CPU tests).
+    """
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"expected q [B, T, Hq, D] and k/v [B, T, Hkv, D], got {q.shape} and {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"k {k.shape} and v {v.shape} differ")
+    b, t, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"k/v {k.shape} do not match q {q.shape} (flash_attention is self-attention: S == T)")
+    if hq % k.shape[2]:
+        raise ValueError(f"query heads {hq} are not a multiple of kv heads {k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if segment_ids is not None:
+        if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integer [B, T] = {(b, t)}, got {segment_ids.dtype} "
+                             f"{segment_ids.shape}")
+    blocks = BlockSizes() if block_sizes is None else block_sizes
+    blocks.validate()
+    blocks = blocks.clipped(t)
+    tp = -(-t // max(blocks.all_blocks())) * max(blocks.all_blocks())
+    dp = _padded_head_dim(d)
+    scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+    use_segments = segment_ids is not None
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if tp != t or dp != d:
+        pad = ((0, 0), (0, tp - t), (0, 0), (0, dp - d))
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, tp - t)), mode="edge")
+    cfg = _Config(causal=bool(causal), sm_scale=scale, kv_len=t, padded_len=tp, use_segments=use_segments,
+                  blocks=blocks, interpret=bool(interpret))
+    out = _flash(q, k, v, seg, cfg)
+    return out[:, :t, :, :d]
