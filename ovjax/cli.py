@@ -1,0 +1,41 @@
+"""Command-line verbs. Each verb lives in its own module and is imported only when called, so that
+`python -m ovjax --help` stays fast and a verb's heavy dependencies load only for that verb."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module with a `main(argv) -> int`, one-line description)
+VERBS = {
+    "convert": ("ovjax.data.convert", "validate raw data (LLaVA JSON, parquet, webdataset) into raw ArrayRecord shards"),
+    "pack": ("ovjax.data.pack", "pack raw shards offline into fixed-size bins (or plan from a lengths file)"),
+    "train": ("ovjax.train.loop", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
+    "demo": ("ovjax.demo", "the embedded end-to-end demo on CPU"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m ovjax <verb> [args...]", "", "verbs:"]
+    lines += [f"  {verb:<9} {desc}" for verb, (_, desc) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = VERBS[verb][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"verb {verb!r} is not available in this build ({module_name} is missing)", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
