@@ -57,6 +57,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         scale = param(self, "scale", (self.axis_name,), (self.dim,), nn.initializers.ones, self.param_dtype)
         bias = param(self, "bias", (self.axis_name,), (self.dim,), nn.initializers.zeros, self.param_dtype)
+        # Gather the (tiny) FSDP-sharded scale/bias, so the partitioner keeps x in its batch layout.
+        scale, bias = constrain(scale, (None,)), constrain(bias, (None,))
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)

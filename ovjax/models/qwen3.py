@@ -43,6 +43,9 @@ class DecoderLayer(nn.Module):
         k = rope.apply_rotary(k, cos, sin)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         if layer_cache is None:
+            # Sequence parallelism: queries stay sharded over `sequence`, K/V are all-gathered (full T).
+            k = constrain(k, ("act_batch", None, "act_kv_heads", None))
+            v = constrain(v, ("act_batch", None, "act_kv_heads", None))
             o = attention(q, k, v, segment_ids, causal=True, impl=self.attention_impl)
             new_cache = None
         else:
@@ -87,7 +90,10 @@ class Qwen3(nn.Module):
 
     def embed(self, tokens):
         """tokens int [B, T] -> [B, T, H]."""
-        return jnp.take(self.embed_tokens, tokens, axis=0).astype(self.dtype)
+        # Gather the table over the FSDP axes first: a lookup into an embed-sharded table would give an
+        # output sharded on H that the partitioner can only reshard to the batch layout by replicating it.
+        table = constrain(self.embed_tokens, ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
 
     def __call__(self, x, positions, segment_ids, cache=None):
         """x [B, T, H] input embeddings, positions/segment_ids int [B, T] -> (hidden [B, T, H] after the

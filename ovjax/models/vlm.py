@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ovjax.models.layers import constrain
 from ovjax.models.projector import PatchMerger
 from ovjax.models.qwen3 import Qwen3
 from ovjax.models.vision import VisionTower
@@ -55,7 +56,9 @@ class VLM(nn.Module):
 
     def image_features(self, patches, patch_segment, patch_hw, num_images: int):
         """-> merged features [B, P/4, H_text]."""
-        return self.merger(self.visual(patches, patch_segment, patch_hw, num_images))
+        feats = constrain(self.visual(patches, patch_segment, patch_hw, num_images),
+                          ("act_batch", "act_patches", "act_vit_embed"))
+        return constrain(self.merger(feats), ("act_batch", None, "act_embed"))
 
     def embed(self, tokens, patches=None, patch_segment=None, patch_hw=None, num_images: int = 0):
         """Token embeddings with image features in place: [B, T, H]."""
