@@ -27,12 +27,11 @@ on the device by a lookup table built with `images.normalize_uint8`, so the valu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob as globlib
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -43,7 +42,6 @@ STATE_VERSION = 1
 PATCH_DIM = 3 * images.PATCH_SIZE * images.PATCH_SIZE
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "patches", "patch_segment",
               "patch_hw")
-_COUNTER_KEYS = ("samples", "tokens", "supervised_tokens", "images", "patches")
 
 
 class LoaderError(ValueError):
@@ -253,6 +251,11 @@ class PackedLoader:
             axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
             axes = tuple(a for a in axes if a in mesh.axis_names)
             sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+        if sharding is not None:  # only the batch dimension's entry matters; the rest is replicated
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            spec = sharding.spec
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
         self.sharding = sharding
         self.global_batch_size = global_batch_size
         if sharding is not None:
@@ -328,10 +331,8 @@ class PackedLoader:
 
     def _to_global(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec
 
-        mesh, spec = self.sharding.mesh, self.sharding.spec
-        row_sharding = NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None))
+        row_sharding = self.sharding
         out = {}
         for k, v in arrays.items():
             out[k] = jax.make_array_from_process_local_data(row_sharding, v, (self.global_batch_size, *v.shape[1:]))

@@ -9,15 +9,22 @@ images. Lengths are read from the raw records by worker processes; the plan depe
 the seed (never on the worker count or on which worker finishes first), so the same inputs and seed give
 byte-identical packed shards.
 
-Algorithm (`plan_bins`): best-fit decreasing over exact-length buckets. Items are shuffled with the seed,
-then stably sorted by (tokens, patches) descending, which groups them into buckets of equal token length
-in a seeded order inside each bucket. Each item goes to the open bin whose remaining token space is the
-smallest that still holds it (found in O(1) big-int word operations through a bitmap over remaining
-space 0..seq_len, one LIFO list of bins per remaining space), provided the bin also has room for its
-patches, images and one more segment; up to `candidates` bins are tried in increasing remaining space
-before a new bin is opened. Bins with no token space or no segment left leave the index. Large items
-open bins first and the long tail of short items fills the gaps, so every bin but the last few is
-nearly full. The bins are written in a seeded shuffled order.
+Algorithm (`plan_bins`): best fit over exact-length buckets, in two item orders.
+  * Primary resource: tokens, or patches when the patch lower bound is the higher one (max_patches
+    below ~4*seq_len with image-heavy data); the other one is the secondary resource.
+  * Items are shuffled with the seed, then stably sorted by (primary, secondary) descending: buckets
+    of equal length, visited longest first, in a seeded order inside each bucket.
+  * Each item goes to the open bin whose remaining primary space is the smallest that still holds it,
+    among bins that also have room for its secondary size, its images and one more segment. Open bins
+    sit in one list per remaining space with a bitmap over 0..capacity (a Python int), so the query
+    "smallest space >= length" is one shift and one lowest-bit; image items look only at bins in
+    secondary-space classes that can hold them (8 classes), so bins out of patches but not of tokens
+    are never tried again and again. A bin out of space or out of segments leaves the index.
+  * Decreasing order fills bins almost perfectly when tokens bind (large items open bins, the tail of
+    short ones fills the gaps) but not when a count binds (max_segments, max_images): then the short
+    tail crowds bins capped by count. So when the decreasing plan is more than 0.2% above the lower
+    bound, the same best fit is run on the seeded random order too, and the plan with fewer bins wins.
+  * The bins are written in a seeded shuffled order; samples inside a bin in packing order.
 
 Lower bounds reported: tokens ceil(sum tokens / seq_len), patches ceil(sum patches / max_patches),
 segments ceil(n / max_segments), images ceil(sum images / max_images).

@@ -216,3 +216,25 @@ def test_global_arrays_on_a_mesh(packed_set):
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     with PackedLoader(packed_set, global_batch_size=8, sharding=sharding, **KW) as loader:
         same(take(loader, 1), ref[:1])
+
+
+class _FakeSharding:
+    """What process_rows reads of a sharding: the rows each addressable device holds."""
+
+    def __init__(self, slices):
+        self.slices = slices
+
+    def addressable_devices_indices_map(self, shape):
+        return {k: (sl,) for k, sl in enumerate(self.slices)}
+
+
+def test_process_rows_from_the_addressable_block():
+    from ovjax.data.loader import process_rows
+
+    # process 1 of 2 over ("data", "fsdp"): its 4 devices hold rows 4..7 of 8
+    assert process_rows(_FakeSharding([slice(4, 5), slice(5, 6), slice(6, 7), slice(7, 8)]), 8) == (1, 2)
+    # batch sharded over "data" only, replicated over fsdp across processes: same block, same data
+    assert process_rows(_FakeSharding([slice(2, 4), slice(2, 4)]), 8) == (1, 4)
+    assert process_rows(_FakeSharding([slice(None)]), 8) == (0, 1)
+    with pytest.raises(LoaderError, match="contiguous"):
+        process_rows(_FakeSharding([slice(0, 2), slice(4, 6)]), 8)
