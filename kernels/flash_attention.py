@@ -77,6 +77,13 @@ class BlockSizes:
                 raise ValueError(f"block sizes must be powers of two >= {_MIN_BLOCK}, got {self}")
 
 
+def default_block_sizes(dtype) -> BlockSizes:
+    """Tiles for 16-bit inputs; float32 (tests, checks) gets half-size tiles to fit shared memory on Ampere."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return BlockSizes(block_q=64, block_k=32, block_q_dq=64, block_k_dq=32, block_q_dkv=32, block_k_dkv=64)
+    return BlockSizes()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     """Static description of one padded call (hashable: it is a non-differentiable custom_vjp argument)."""
@@ -441,7 +448,7 @@ def flash_attention(q, k, v, segment_ids=None, causal: bool = False, *, sm_scale
         if segment_ids.shape != (b, t) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids must be integer [B, T] = {(b, t)}, got {segment_ids.dtype} "
                              f"{segment_ids.shape}")
-    blocks = BlockSizes() if block_sizes is None else block_sizes
+    blocks = default_block_sizes(q.dtype) if block_sizes is None else block_sizes
     blocks.validate()
     blocks = blocks.clipped(t)
     tp = -(-t // max(blocks.all_blocks())) * max(blocks.all_blocks())
