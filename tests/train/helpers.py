@@ -45,8 +45,10 @@ def run(cfg, shape, host_batches, seed: int = 0, params=None):
         state = state_lib.state_from_params(setup, params)
     init = host(state.params)
     step = step_lib.TrainStep(setup, compiler_options=FAST)
+    compiled = step.lower().compile()
     metrics = []
     for b in host_batches:
-        state, m = step(state, step_lib.put_batch(b, step))
+        state, m = compiled(state, step_lib.put_batch(b, step))
         metrics.append({k: float(v) for k, v in m.items()})
+    run.last_hlo = compiled.as_text()
     return init, metrics, host(state.params), setup, state

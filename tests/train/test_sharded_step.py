@@ -1,5 +1,7 @@
 """Three steps of the tiny model on five meshes of 8 fake CPU devices == the same steps on one device."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -37,3 +39,19 @@ def test_mesh_matches_one_device(reference, shape):
     # the state comes back in the shardings the step was built with
     for leaf, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(setup.shardings.params)):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+    if shape == (1, 8, 1, 1):
+        assert_fsdp_gathers_weights(run.last_hlo, init)
+
+
+def assert_fsdp_gathers_weights(hlo: str, params):
+    """Lesson 11b: on an fsdp mesh the partitioner must all-gather weights (per layer), never activations."""
+    shapes = set()
+    for p in jax.tree_util.tree_leaves(params):
+        shapes.add(tuple(p.shape))
+        shapes.add(tuple(p.shape[1:]))  # one layer of a stacked (scanned) weight
+        shapes.add((1,) + tuple(p.shape[1:]))
+    gathered = [tuple(int(d) for d in m.group(1).split(",") if d)
+                for m in re.finditer(r"= f32\[([0-9,]*)\]\{[^}]*\} all-gather", hlo)]
+    assert len(gathered) >= 10
+    not_weights = [g for g in gathered if g not in shapes]
+    assert not not_weights, f"all-gathers of non-weight arrays: {not_weights}"
