@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -56,7 +55,7 @@ def test_trainable_paths_and_errors():
         optim.trainable_paths(PARAMS, cfg(trainable=("merger",), frozen=("merger",)))
 
 
-def test_group_learning_rates_and_clipping():
+def test_group_learning_rates():
     c = cfg()
     c.groups.visual = 1e-4
     c.groups["visual/blocks/fc1/bias"] = 3e-4  # longest prefix wins

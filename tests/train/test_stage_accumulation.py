@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ovjax.train import optim
-from tests.train.helpers import batches, host, run, tiny_config
+from tests.train.helpers import batches, run, tiny_config
 
 
 @pytest.fixture(scope="module")
