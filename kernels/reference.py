@@ -54,22 +54,32 @@ def mha_reference(q, k, v, segment_ids=None, causal: bool = False, *, sm_scale: 
     if q_positions is None and causal:
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     chunk = q_chunk_size or t
-    if t <= chunk or t % chunk:
+    if t <= chunk:
         return _attend(q, k, v, segment_ids, kv_segment_ids, causal, q_positions, kv_positions, scale, groups)
 
-    # Long sequences: queries in chunks under a scan, so the [T, S] logits never exist at once
-    # (memory O(chunk * S) instead of O(T * S)); the same math per query row.
-    n = t // chunk
+    # Long sequences: queries in chunks under a scan, each chunk rematerialised in the backward pass, so the
+    # [T, S] logits and probabilities never exist at once (memory O(chunk * S) instead of O(T * S)); the same
+    # math per query row. Queries are padded to a multiple of the chunk (padded rows see nothing; sliced off).
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        def pad_rows(x, value):
+            return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+        q = pad_rows(q, 0)
+        segment_ids = pad_rows(segment_ids, jnp.iinfo(jnp.int32).min)
+        if q_positions is not None:
+            q_positions = pad_rows(q_positions, 0)
+    attend = jax.checkpoint(_attend, static_argnums=(5, 8, 9))
 
     def split(x):
         return None if x is None else jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
     def body(_, xs):
         qc, sc, pc = xs
-        return None, _attend(qc, k, v, sc, kv_segment_ids, causal, pc, kv_positions, scale, groups)
+        return None, attend(qc, k, v, sc, kv_segment_ids, causal, pc, kv_positions, scale, groups)
 
     _, out = jax.lax.scan(body, None, (split(q), split(segment_ids), split(q_positions)))
-    return jnp.moveaxis(out, 0, 1).reshape(b, t, hq, d)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, d)[:, :t]
 
 
 def _attend(q, k, v, q_segment_ids, kv_segment_ids, causal, q_positions, kv_positions, scale, groups):
