@@ -18,6 +18,14 @@ else
   py=python3
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The GPU image lacks ml_collections (configs/models.py needs it for the train-step section). Carry its wheel:
+#   pip download --no-deps -d launch/wheels ml-collections==1.1.0     (then carry launch/wheels to the device)
+# Carried wheels are unpacked into a temporary folder on the path; nothing is installed into the image.
+if compgen -G "launch/wheels/*.whl" > /dev/null; then
+  extra="$(mktemp -d)"
+  for whl in launch/wheels/*.whl; do "$py" -m zipfile -e "$whl" "$extra"; done
+  export PYTHONPATH="$extra:$PYTHONPATH"
+fi
 export PYTHONUNBUFFERED=1
 export GPU_CHECK_BUDGET_S="${GPU_CHECK_BUDGET_S:-400}"
 
