@@ -19,4 +19,5 @@ def get_config(arg: str = "tiny"):
                           frozen=("visual/class_embedding", "visual/class_pos_emb")))
     if cfg.model.name != "tiny":
         cfg.train.update(dict(steps=3500, batch_size=224, micro_batches=1, log_every=10))
+    cfg.data.synthetic = "qa"  # the tiny preset's default data: synthetic questions (ovjax/data/synthetic.py)
     return cfg
