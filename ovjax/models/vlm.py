@@ -190,8 +190,10 @@ def init_params(cfg, rng, *, boxed: bool = False):
     """Random params of `cfg`. boxed=True keeps the logical-axis metadata (nn.Partitioned) for sharding."""
     module = VLM(freeze(cfg))
     b = example_batch(cfg)
-    variables = module.init(rng, b["tokens"], b["positions"], b["segment_ids"], b.get("patches"),
-                            b.get("patch_segment"), b.get("patch_hw"), num_images=1 if cfg.vision is not None else 0)
+    # Under jit: one compiled init instead of op-by-op dispatch through the scanned layers.
+    init = jax.jit(module.init, static_argnames="num_images")
+    variables = init(rng, b["tokens"], b["positions"], b["segment_ids"], b.get("patches"),
+                     b.get("patch_segment"), b.get("patch_hw"), num_images=1 if cfg.vision is not None else 0)
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
 
 

@@ -12,9 +12,15 @@ CFG = model_configs.preset("tiny")
 MODEL = VLM(freeze(CFG))
 
 
-def run(params, tokens, positions, segments, cache=None):
+@jax.jit
+def _run(params, tokens, positions, segments, cache):
     hidden, cache = MODEL.apply({"params": params}, tokens, positions, segments, cache=cache)
-    return np.asarray(MODEL.apply({"params": params}, hidden, method=VLM.logits)), cache
+    return MODEL.apply({"params": params}, hidden, method=VLM.logits), cache
+
+
+def run(params, tokens, positions, segments, cache=None):
+    logits, cache = _run(params, tokens, positions, segments, cache)
+    return np.asarray(logits), cache
 
 
 def test_prefill_then_decode_equals_full_forward():

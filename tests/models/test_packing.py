@@ -1,6 +1,8 @@
 """Packing invariance: packed ViT buffers and packed LLM rows give the same outputs as each item alone, and
 padding (its length and its contents) never changes real outputs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +21,11 @@ PIX = 3 * 14 * 14
 def params():
     p = init_params(CFG, jax.random.PRNGKey(0))
     # Random norm weights and biases so no piece can hide behind an identity.
-    leaves, tree = jax.tree_util.tree_flatten(p)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    rs = np.random.RandomState(1)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x + 0.1 * rs.randn(*x.shape).astype(np.float32)), p)
 
 
+@functools.partial(jax.jit, static_argnames="num_images")
 def vision(params, patches, segment, hw, num_images):
     return MODEL.apply({"params": params}, jnp.asarray(patches)[None], jnp.asarray(segment)[None],
                        jnp.asarray(hw)[None], num_images, method=VLM.image_features)[0]
@@ -92,11 +93,16 @@ def row(samples, seq_len, max_patches, num_images, pad_token=0, pad_pixel=0.0):
     return [jnp.asarray(x)[None] for x in (tokens, positions, segments, patches, pseg, hw)], num_images
 
 
-def logits(params, inputs, num_images):
+@functools.partial(jax.jit, static_argnames="num_images")
+def _logits(params, inputs, num_images):
     tokens, positions, segments, patches, pseg, hw = inputs
     hidden, _ = MODEL.apply({"params": params}, tokens, positions, segments, patches, pseg, hw,
                             num_images=num_images)
-    return np.asarray(MODEL.apply({"params": params}, hidden, method=VLM.logits))[0]
+    return MODEL.apply({"params": params}, hidden, method=VLM.logits)[0]
+
+
+def logits(params, inputs, num_images):
+    return np.asarray(_logits(params, inputs, num_images))
 
 
 def test_two_samples_in_one_row_equal_each_alone(params):
