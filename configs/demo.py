@@ -20,9 +20,9 @@ STAGES = {
     # stage: (trainable, frozen, data kind, steps, peak lr)
     "stage1": (("merger",), (), "caption", 20, 3e-3),
     "stage1_5": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-                 "caption", 150, 3e-3),
+                 "caption", 100, 3e-3),
     "stage2": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-               "qa", 450, 3e-3),
+               "qa", 250, 3e-3),
 }
 
 
@@ -56,7 +56,7 @@ def get_config(arg: str = "stage2"):
     cfg.data.synthetic_samples = 6000 if kind == "caption" else 9000
     cfg.data.synthetic_max_turns = 4
     cfg.data.max_pixels = 112 * 112  # images up to 8 x 8 patches (16 image tokens)
-    cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=25, seed=12345, seq_len=64, max_patches=64, batch=64))
+    cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=20, seed=12345, seq_len=64, max_patches=64, batch=64))
     if smoke:
         cfg.train.update(dict(steps=3, log_every=1, batch_size=4, seq_len=128, max_patches=128, max_images=4,
                               loss_chunk=128))

@@ -110,7 +110,7 @@ class Checkpointer:
                                             read_only=read_only)
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoint directory {self.directory}")
-        self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=_handlers())
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -166,16 +166,25 @@ def _quiet_orbax():
         logger.setLevel(old)
 
 
+def _handlers() -> dict:
+    return {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "data": DataStateHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 def _reader(directory: Path):
     return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                                                 save_interval_steps=0),
-                                 item_names=ITEMS)
+                                 item_handlers=_handlers())
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-    """Where a run keeps its checkpoints (accepts the workdir or the checkpoints folder itself)."""
+    """Where a run keeps its checkpoints: `workdir/checkpoints`, or `workdir` itself when it is a
+    checkpoint folder (named checkpoints, or holding step folders and no checkpoints/)."""
     p = Path(workdir)
-    return p if p.name == "checkpoints" else p / "checkpoints"
+    if p.name == "checkpoints" or (p.is_dir() and not (p / "checkpoints").exists()
+                                   and any(c.name.isdigit() for c in p.iterdir())):
+        return p
+    return p / "checkpoints"
 
 
 def load_params(workdir: str | os.PathLike, target=None, step: int | None = None):
@@ -198,9 +207,10 @@ def _load_params(mngr, directory: Path, target, step):
         if target is None:
             meta = mngr.item_metadata(step)["params"]
             tree = meta.tree if hasattr(meta, "tree") else meta
-            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-            out = mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.PyTreeRestore(restore_args=restore_args)))
+            host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+            cpu_target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), tree)
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(cpu_target)))
+            out = {"params": jax.device_get(out["params"])}
         else:
             out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     except (ValueError, KeyError, TypeError) as e:

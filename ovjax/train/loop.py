@@ -16,6 +16,11 @@ Start: the latest complete checkpoint in DIR/checkpoints if there is one (exact 
 iterator and counters); else `init.from_checkpoint` (a previous stage's workdir: params only, fresh
 optimizer), else `init.from_hf` (a hub-layout directory), else random init with `train.seed`.
 
+Non-finite loss or gradient norm: with `train.on_nonfinite=stop` (default) the run stops with an error naming
+the first bad step; metrics are fetched at every log and checkpoint step, and always before a save, so a
+non-finite state is never saved. With `skip`, such updates are dropped (params and optimizer state kept) and
+counted in `skipped_updates`.
+
 Outputs under DIR: checkpoints/ (Orbax, every `checkpoint.every` steps and at the end, `checkpoint.keep`
 kept), metrics.jsonl (one object per logged step), tb/ (TensorBoard), config.json (the resolved config).
 """
@@ -315,9 +320,26 @@ def compiler_options(text: str) -> dict | None:
     return out or None
 
 
-def make_train_step(setup, batch_shardings, skip_nonfinite: bool, options: dict | None = None):
-    """jit(state, batch) -> (state, metrics): the step of ovjax.train.step plus global batch counters,
-    and with `skip_nonfinite` a non-finite update replaced by the old params/optimizer state."""
+_COMPILED: dict[str, Any] = {}
+LOOP_ONLY = ("on_nonfinite", "progress", "log_every", "peak_flops")  # jitted functions of this process, by what they depend on
+
+
+def _key(kind: str, setup, *extra) -> str:
+    """Everything a jitted function of `setup` depends on: the model, optimizer, train and mesh sections and
+    the devices (so a second run with the same config in one process reuses the compiled program)."""
+    c = setup.cfg
+    sections = {k: json.loads(c[k].to_json()) for k in ("model", "optim", "train", "mesh")}
+    for k in LOOP_ONLY:  # read by the loop, not by the compiled functions
+        sections["train"].pop(k, None)
+    devices = [d.id for d in setup.mesh.devices.flat]
+    return json.dumps([kind, sections, devices, list(setup.mesh.axis_names), list(setup.mesh.devices.shape),
+                       list(extra)], sort_keys=True, default=str)
+
+
+def make_train_step(setup, batch_shardings, options: dict | None = None):
+    """jit(state, batch, skip_nonfinite) -> (state, metrics): the step of ovjax.train.step plus global batch
+    counters; when `skip_nonfinite` (a traced bool, so one program serves both modes) is true, an update
+    with a non-finite loss or gradient norm is replaced by the old params and optimizer state."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -325,24 +347,51 @@ def make_train_step(setup, batch_shardings, skip_nonfinite: bool, options: dict 
     from ovjax.train import step as step_lib
     from ovjax.train.state import TrainState
 
-    inner = step_lib.make_step_fn(setup)
+    def build():
+        inner = step_lib.make_step_fn(setup)
 
-    def fn(state, batch):
-        new, m = inner(state, batch)
-        if skip_nonfinite:
-            ok = m["finite"]
-            keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
-            new = TrainState(step=new.step, params=jax.tree_util.tree_map(keep, new.params, state.params),
-                             opt_state=jax.tree_util.tree_map(keep, new.opt_state, state.opt_state))
-        m = dict(m)
-        m["samples"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
-        m["images"] = (jnp.sum(jnp.max(batch["patch_segment"], axis=1)).astype(jnp.float32)
-                       if "patch_segment" in batch else jnp.zeros((), jnp.float32))
-        return new, m
+        def fn(state, batch, skip_nonfinite):
+            new, m = inner(state, batch)
+            take = m["finite"] | jnp.logical_not(skip_nonfinite)
+            # a conditional, not an elementwise select: no pass over the params when the update is taken
+            params, opt_state = jax.lax.cond(take, lambda a, b: a, lambda a, b: b,
+                                             (new.params, new.opt_state), (state.params, state.opt_state))
+            new = TrainState(step=new.step, params=params, opt_state=opt_state)
+            m = dict(m)
+            m["samples"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
+            m["images"] = (jnp.sum(jnp.max(batch["patch_segment"], axis=1)).astype(jnp.float32)
+                           if "patch_segment" in batch else jnp.zeros((), jnp.float32))
+            return new, m
 
-    replicated = NamedSharding(setup.mesh, P())
-    return jax.jit(fn, in_shardings=(setup.shardings, batch_shardings), out_shardings=(setup.shardings, replicated),
-                   donate_argnums=(0,), compiler_options=options)
+        replicated = NamedSharding(setup.mesh, P())
+        return jax.jit(fn, in_shardings=(setup.shardings, batch_shardings, replicated),
+                       out_shardings=(setup.shardings, replicated), donate_argnums=(0,), compiler_options=options)
+    key = _key("step", setup, options)
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def random_state(setup, seed: int):
+    """Random init of the whole train state, every array made in its sharding (as state.init_state does),
+    with the jitted init kept for later runs of the same config in this process."""
+    import jax
+
+    from ovjax import sharding
+    from ovjax.models import vlm
+    from ovjax.train import optim, state as state_lib
+
+    key = _key("init", setup)
+    if key not in _COMPILED:
+        def init(rng):
+            params = sharding.unbox(vlm.init_params(setup.model_cfg, rng, boxed=True))
+            trainable, _ = optim.split(params, list(setup.trainable))
+            return state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                                        opt_state=setup.tx.init(trainable))
+        # XLA:CPU spends long optimising the random init, which runs once; skip that optimisation there
+        opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        _COMPILED[key] = jax.jit(init, out_shardings=setup.shardings, compiler_options=opts)
+    return _COMPILED[key](jax.random.PRNGKey(seed))
 
 
 # --------------------------------------------------------------------------------------------- start
@@ -405,7 +454,7 @@ def initial_state(cfg, setup, workdir: Path, ckpt, log=print) -> Start:
         params = jax.tree_util.tree_map(lambda x: jax.device_get(x), model.params)
         return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
                      f"imported {cfg.init.from_hf}, fresh optimizer")
-    return Start(state_lib.init_state(setup, jax.random.PRNGKey(cfg.train.seed)), 0, dict(zero), None,
+    return Start(random_state(setup, int(cfg.train.seed)), 0, dict(zero), None,
                  f"random init (train.seed={cfg.train.seed})")
 
 
@@ -434,6 +483,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     """Train one stage in `workdir`; returns a summary (last metrics, counters, seconds)."""
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from ovjax import checkpoint, sharding
     from ovjax.train import flops as flops_lib, metrics as metrics_lib, state as state_lib
@@ -460,8 +510,8 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         loader.set_state(start.data_state)
     structs = step_lib.batch_struct(cfg)
     batch_shardings = sharding.batch_shardings(structs, mesh, int(cfg.train.micro_batches))
-    train_step = make_train_step(setup, batch_shardings, cfg.train.on_nonfinite == "skip",
-                                 compiler_options(cfg.train.xla_compiler_options))
+    train_step = make_train_step(setup, batch_shardings, compiler_options(cfg.train.xla_compiler_options))
+    skip = jax.device_put(np.bool_(cfg.train.on_nonfinite == "skip"), NamedSharding(mesh, P()))
 
     t = cfg.train
     towers = tuple(sorted({p.split("/")[0] for p in setup.trainable}))
@@ -538,12 +588,16 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
         interval.update(tokens=0.0, steps=0, t0=time.perf_counter())
 
     t_compile = None
+    if step >= total:
+        prev = metrics_lib.read_jsonl(workdir / "metrics.jsonl")
+        last = {"loss": prev[-1]["loss"]} if prev else {}
+        log(f"step {step} of {total} is done already (checkpoint {ckpt.latest_step()}); nothing to train")
     try:
         while step < total:
             batch = next(loader)
             batch = {k: (v if v.sharding == batch_shardings[k] else jax.device_put(v, batch_shardings[k]))
                      for k, v in batch.items() if k in batch_shardings}
-            state, m = train_step(state, batch)
+            state, m = train_step(state, batch, skip)
             step += 1
             pending.append((step, m))
             if t_compile is None:

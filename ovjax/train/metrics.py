@@ -78,10 +78,20 @@ def peak_flops(device=None, override: float | None = None) -> tuple[float, str]:
 # ------------------------------------------------------------------------------------ writers
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a metrics file; a last line cut short (a process killed while writing it) is dropped."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [line for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return out
 
 
 class MetricsWriter:
@@ -101,8 +111,9 @@ class MetricsWriter:
         if not enabled:
             return
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-        dropped = len(read_jsonl(self.path)) - len(kept)
+        old = read_jsonl(self.path)
+        kept = [r for r in old if r.get("step", 0) <= resume_step]
+        dropped = len(old) - len(kept)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -1,0 +1,238 @@
+"""Train-step timing on whatever device is present (the GPU check's hook): the 8b preset cut to 4 LLM
+layers and 4 ViT layers, packed rows of 8192 tokens, bf16 compute, automatic attention kernel, full remat.
+
+    python -m ovjax.bench.gpu_step [--smoke]          # or through `bash launch/gpu_check.sh`
+
+`run(smoke, deadline) -> dict` (JSON-able) and `markdown(result)` are what launch/gpu_attention_bench.py
+calls. Smoke (or a CPU): the tiny preset at seq 256, XLA attention, two timed steps.
+
+Nothing here imports grain, array_record or ml_collections at module level. The model code needs
+`ml_collections` (configs are ConfigDicts); the lent GPU machines lack it, so when it is missing a minimal
+stand-in (`_MiniConfigDict`: attribute access, update, get, frozen + hashable copy) is installed under that
+name for this process only. `ovjax.configs` is mapped to ROOT/configs when ovjax is not pip-installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+import time
+import types
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------ environment shims
+
+class _MiniConfigDict:
+    """The subset of ml_collections.ConfigDict the model and train code use: nested sections as attributes,
+    item access, get/keys/items/update, to_json. Not a dict subclass (Flax would freeze it into a FrozenDict)."""
+
+    _frozen = False
+
+    def __init__(self, d=None, **kw):
+        object.__setattr__(self, "_fields", {})
+        for k, v in dict(d or {}, **kw).items():
+            self._set(k, v)
+
+    def _set(self, k, v):
+        if isinstance(v, (dict, _MiniConfigDict)):
+            v = type(self)(v.to_dict() if isinstance(v, _MiniConfigDict) else v)
+        elif self._frozen and isinstance(v, list):
+            v = tuple(v)
+        self._fields[k] = v
+
+    def __setitem__(self, k, v):
+        if self._frozen:
+            raise TypeError("FrozenConfigDict is immutable")
+        self._set(k, v)
+
+    __setattr__ = __setitem__
+
+    def __getitem__(self, k):
+        return self._fields[k]
+
+    def __getattr__(self, k):
+        try:
+            return self._fields[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __contains__(self, k):
+        return k in self._fields
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def get(self, k, default=None):
+        return self._fields.get(k, default)
+
+    def keys(self):
+        return self._fields.keys()
+
+    def items(self):
+        return self._fields.items()
+
+    def update(self, d=None, **kw):
+        for k, v in dict(d or {}, **kw).items():
+            self[k] = v
+
+    def to_dict(self):
+        return {k: v.to_dict() if isinstance(v, _MiniConfigDict) else v for k, v in self._fields.items()}
+
+    def to_json(self, **kw):
+        return json.dumps(self.to_dict(), **kw)
+
+    def __eq__(self, other):
+        return isinstance(other, _MiniConfigDict) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        if not self._frozen:
+            raise TypeError("ConfigDict is not hashable")
+        return hash(tuple(sorted((k, v) for k, v in self._fields.items())))
+
+
+class _MiniFrozen(_MiniConfigDict):
+    _frozen = True
+
+
+def ensure_environment() -> None:
+    """ml_collections (real or stand-in) and `ovjax.configs` importable."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        import ml_collections  # noqa: F401
+    except ModuleNotFoundError:
+        shim = types.ModuleType("ml_collections")
+        shim.ConfigDict, shim.FrozenConfigDict = _MiniConfigDict, _MiniFrozen
+        sys.modules["ml_collections"] = shim
+    import ovjax
+
+    try:
+        importlib.import_module("ovjax.configs.models")
+    except ModuleNotFoundError as e:
+        if e.name not in ("ovjax.configs", "ovjax.configs.models"):
+            raise
+        spec = importlib.util.spec_from_file_location("ovjax.configs", ROOT / "configs" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "configs")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ovjax.configs"] = module
+        spec.loader.exec_module(module)
+        ovjax.configs = module
+    try:
+        importlib.import_module("ovjax.kernels")
+    except ModuleNotFoundError as e:
+        if e.name != "ovjax.kernels":
+            raise
+        spec = importlib.util.spec_from_file_location("ovjax.kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ovjax.kernels"] = module
+        spec.loader.exec_module(module)
+        ovjax.kernels = module
+
+
+# ------------------------------------------------------------------------------------- the step
+
+def run_config(smoke: bool):
+    from ovjax.train.config import base_config
+
+    if smoke:
+        cfg = base_config("tiny")
+        cfg.train.update(dict(batch_size=1, seq_len=256, max_patches=256, max_images=8, loss_chunk=128))
+        return cfg
+    cfg = base_config("8b")  # bf16 compute, full remat, attention_impl auto (model_config)
+    cfg.model.text.num_layers = 4
+    cfg.model.vision.depth = 4
+    cfg.train.update(dict(batch_size=1, micro_batches=1, seq_len=8192, max_patches=8192, max_images=16,
+                          loss_chunk=1024, steps=1000))
+    cfg.optim.update(dict(trainable=("visual", "merger", "language_model"),
+                          frozen=("visual/class_embedding", "visual/class_pos_emb")))
+    return cfg
+
+
+def run(smoke: bool = False, deadline: float = math.inf) -> dict:
+    ensure_environment()
+    import jax
+
+    from ovjax import sharding
+    from ovjax.train import flops as flops_lib, state as state_lib, step as step_lib
+    from ovjax.train.metrics import peak_flops
+    from ovjax.train.synthetic_batch import synthetic_batch
+
+    smoke = smoke or jax.default_backend() == "cpu"
+    cfg = run_config(smoke)
+    if smoke:
+        cfg.model.attention_impl = "xla"
+    t = cfg.train
+    devices = jax.devices()[:1]
+    mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    out = {"device": str(devices[0]), "device_kind": devices[0].device_kind, "preset": cfg.model.name,
+           "llm_layers": cfg.model.text.num_layers, "vit_layers": cfg.model.vision.depth, "seq_len": t.seq_len,
+           "max_patches": t.max_patches, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
+           "attention_impl": cfg.model.attention_impl}
+    t0 = time.perf_counter()
+    setup = state_lib.build(cfg, mesh)
+    state = state_lib.init_state(setup, jax.random.PRNGKey(0))
+    ts = step_lib.TrainStep(setup)
+    grids = ((1, 16, 16), (1, 32, 32), (1, 16, 32), (1, 32, 16)) if not smoke else ((1, 4, 4), (1, 8, 8))
+    host = synthetic_batch(setup.model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images, seed=0,
+                           samples_per_row=8 if not smoke else 3, grids=grids)
+    batch = step_lib.put_batch(host, ts)
+    state, m = ts(state, batch)
+    jax.block_until_ready(m)
+    out["compile_and_first_step_s"] = time.perf_counter() - t0
+    times = []
+    for _ in range(2 if smoke else 10):
+        if time.time() > deadline and times:
+            break
+        t1 = time.perf_counter()
+        state, m = ts(state, batch)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t1)
+    step_s = sorted(times)[len(times) // 2]
+    f = flops_lib.step_flops(setup.model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images,
+                             segment_ids=host["segment_ids"], patch_segment=host["patch_segment"])
+    peak, src = peak_flops(devices[0])
+    tokens = float((host["segment_ids"] > 0).sum())
+    out.update(step_s=step_s, timed_steps=len(times), loss=float(m["loss"]), tokens=tokens,
+               tokens_per_s=tokens / step_s, train_flops=f["train"], hardware_flops=f["hardware"],
+               peak_flops=peak, peak_source=src, mfu=f["train"] / step_s / peak,
+               hfu=f["hardware"] / step_s / peak)
+    stats = getattr(devices[0], "memory_stats", lambda: None)()
+    if stats:
+        out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+    return out
+
+
+def markdown(result: dict) -> str:
+    if "error" in result or "step_s" not in result:
+        return f"train step: {result}"
+    gib = (result.get("peak_bytes_in_use") or 0) / 2 ** 30
+    return "\n".join([
+        "| model | device | seq | dtype / remat / attention | s/step | tokens/s | MFU | HFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {result['preset']} ({result['llm_layers']} LLM + {result['vit_layers']} ViT layers) | "
+        f"{result['device_kind']} | {result['seq_len']} packed | {result['dtype']} / {result['remat']} / "
+        f"{result['attention_impl']} | {result['step_s']:.3f} | {result['tokens_per_s']:.0f} | "
+        f"{result['mfu']:.1%} | {result['hfu']:.1%} | {gib:.1f} GiB |"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ovjax.bench.gpu_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    res = run(smoke=args.smoke)
+    print(json.dumps(res, indent=1, default=str))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The train loop in process: config overrides, outputs, stage semantics (stage 1 trains only the projector;
+a stage started from the previous one begins with its params), the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ovjax import checkpoint
+from ovjax.train import loop, optim
+
+FAST = [("train.xla_compiler_options", "xla_backend_optimization_level=0"), ("train.steps", "4"),
+        ("train.log_every", "2"), ("checkpoint.every", "2"), ("data.synthetic_samples", "200"),
+        ("train.progress", "lines")]
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def test_overrides_cast_to_the_field_type():
+    cfg = loop.load_config("configs/stage1.py:tiny", ["--config.train.steps=7", "--config.optim.lr", "0.5",
+                                                      "--config.checkpoint.async_save=false",
+                                                      "--config.optim.trainable=merger,visual",
+                                                      "--config.mesh.fsdp=2", "--config.data.train=/x"])
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 0.5
+    assert cfg.checkpoint.async_save is False
+    assert tuple(cfg.optim.trainable) == ("merger", "visual")
+    assert cfg.mesh.fsdp == 2 and cfg.data.train == "/x"
+    assert loop.load_config("configs/stage2.py:tiny").data.synthetic == "qa"
+    assert loop.load_config("configs/stage1.py:8b").model.text.hidden_size == 4096
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.stepz=3", "unknown key 'stepz'.*steps"),
+    ("--config.trian.steps=3", "no section 'trian'"),
+    ("--config.train.steps=three", "expected an int"),
+    ("--config.checkpoint.async_save=maybe", "expected a bool"),
+    ("--config.train=3", "is a section"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(loop.ConfigError, match=message):
+        loop.load_config("configs/stage1.py:tiny", [override])
+
+
+def test_cli_reports_config_errors(capsys):
+    assert loop.main(["--config", "configs/stage1.py:tiny", "--workdir", "/tmp/x", "--config.train.nope=1"]) == 2
+    assert "unknown key 'nope'" in capsys.readouterr().err
+    assert loop.main(["--config", "configs/nothing.py:tiny", "--workdir", "/tmp/x"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _cfg(name, data_root, *extra):
+    over = FAST + [("data.synthetic_root", str(data_root))] + list(extra)
+    return loop.load_config(f"configs/{name}.py:tiny", over)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory, data_root):
+    workdir = tmp_path_factory.mktemp("stage1")
+    cfg = _cfg("stage1", data_root)
+    summary = loop.run(cfg, workdir)
+    return cfg, workdir, summary
+
+
+def _init_params(cfg):
+    from ovjax import sharding
+    from ovjax.train import state as state_lib
+
+    setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
+    return jax.device_get(loop.random_state(setup, cfg.train.seed).params)
+
+
+def test_outputs(stage1_run):
+    cfg, workdir, summary = stage1_run
+    recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "samples_seen", "supervised_tokens",
+                  "supervised_fraction"):
+            assert isinstance(r[k], (int, float)) and np.isfinite(r[k]), (k, r)
+        assert 0 < r["supervised_fraction"] < 1 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert recs[1]["samples_seen"] > recs[0]["samples_seen"] > 0
+    assert summary["step"] == 4 and summary["samples_seen"] == recs[1]["samples_seen"]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["steps"] == 4
+    # the synthetic tokenizer's size and ids went into the tiny model
+    assert saved["model"]["text"]["vocab_size"] > 263 and saved["model"]["image_token_id"] == 5
+    assert checkpoint.Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2, 4]
+
+
+def test_stage1_changes_only_the_projector(stage1_run):
+    cfg, workdir, _ = stage1_run
+    before = optim.flat(_init_params(cfg))
+    after = optim.flat(checkpoint.load_params(workdir))
+    assert before.keys() == after.keys()
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed and all(k.startswith("merger/") for k in changed), changed
+    assert len(changed) == len([k for k in before if k.startswith("merger/")])
+
+
+def test_next_stage_begins_with_the_previous_params(stage1_run, tmp_path, data_root):
+    from ovjax import sharding
+    from ovjax.train import state as state_lib
+
+    _, workdir1, _ = stage1_run
+    cfg = _cfg("stage1_5", data_root, ("init.from_checkpoint", str(workdir1)))
+    loop.resolve_data(cfg, tmp_path)  # the synthetic vocabulary, as run() does
+    setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
+    start = loop.initial_state(cfg, setup, tmp_path, ckpt)
+    ckpt.close()
+    assert start.step == 0 and int(start.state.step) == 0
+    prev = optim.flat(checkpoint.load_params(workdir1))
+    mine = optim.flat(jax.device_get(start.state.params))
+    assert prev.keys() == mine.keys()
+    for k in prev:
+        np.testing.assert_array_equal(mine[k], prev[k], err_msg=k)
+    # fresh optimizer: zero moments over the stage-1.5 trainable set (ViT, merger, LLM)
+    moments = [np.asarray(x) for x in jax.tree_util.tree_leaves(start.state.opt_state) if np.ndim(x) >= 1]
+    assert moments and all(not m.any() for m in moments)
+    # a model that differs from the previous stage's is refused
+    bad = _cfg("stage1_5", data_root, ("init.from_checkpoint", str(workdir1)), ("model.text.num_layers", "3"))
+    loop.resolve_data(bad, tmp_path)
+    with pytest.raises(loop.ConfigError, match="model config differs"):
+        loop.initial_state(bad, state_lib.build(bad, sharding.make_mesh(bad.mesh)), tmp_path,
+                           checkpoint.Checkpointer(tmp_path / "c2"))
+
+
+def _poison(monkeypatch, at_step):
+    """Make the loader's batch number `at_step` (1-based) carry NaN pixels."""
+    real = loop.make_loader
+
+    def make(cfg, data_dir, mesh):
+        inner = real(cfg, data_dir, mesh)
+        nxt = inner.__class__.__next__
+        count = {"n": 0}
+
+        class Poisoned(inner.__class__):
+            def __next__(self):
+                b = nxt(self)
+                count["n"] += 1
+                if count["n"] == at_step:
+                    b["patches"] = b["patches"] * np.float32(np.nan)
+                return b
+        inner.__class__ = Poisoned
+        return inner
+    monkeypatch.setattr(loop, "make_loader", make)
+
+
+def test_nonfinite_stops_naming_the_step(monkeypatch, tmp_path, data_root):
+    _poison(monkeypatch, 3)
+    cfg = _cfg("stage1", data_root)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss at step 3"):
+        loop.run(cfg, tmp_path)
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints", read_only=True).all_steps() == [2]
+
+
+def test_nonfinite_skip(monkeypatch, tmp_path, data_root):
+    _poison(monkeypatch, 3)
+    cfg = _cfg("stage1", data_root, ("train.on_nonfinite", "skip"))
+    summary = loop.run(cfg, tmp_path)
+    assert summary["skipped_updates"] == 1 and summary["step"] == 4
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["skipped_updates"] == 1 and np.isfinite(recs[-1]["loss"])
+    params = checkpoint.load_params(tmp_path)
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
