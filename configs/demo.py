@@ -8,8 +8,9 @@ arg = stage1 | stage1_5 | stage2 (| smoke_stage1 ...: the same with a handful of
 The model is the tiny preset made a little wider (about 0.6M parameters): text hidden 128, ViT hidden 64,
 two layers each. Its vocabulary size and special-token ids are placeholders here: the demo sets them from
 the tokenizer it trains (`ovjax.train.loop.synthetic_data`), so they always match.
-Expected (2-core CPU, shared): about 5-6 minutes in all; colour and count >= 90% on held-out questions,
-the zero-image control at chance.
+Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions), 8 rows x 256 tokens.
+Measured (2-core CPU shared with other work): 3.5-6 minutes in all; held-out colour 100%, count 95-99%,
+shape 70-80%, position 25-50%; the zero-image control at chance for every type.
 """
 
 import ml_collections
@@ -20,9 +21,9 @@ STAGES = {
     # stage: (trainable, frozen, data kind, steps, peak lr)
     "stage1": (("merger",), (), "caption", 20, 3e-3),
     "stage1_5": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-                 "caption", 100, 3e-3),
+                 "caption", 200, 3e-3),
     "stage2": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-               "qa", 250, 3e-3),
+               "qa", 300, 3e-3),
 }
 
 
@@ -48,12 +49,12 @@ def get_config(arg: str = "stage2"):
     cfg.mesh.update(dict(data=2, fsdp=-1, tensor=1, sequence=1))
     cfg.train.update(dict(steps=steps, log_every=10, batch_size=8, seq_len=256, max_patches=256, max_images=8,
                           loss_chunk=256, seed=0))
-    cfg.optim.update(dict(lr=lr, min_lr=lr / 30, warmup_steps=10, weight_decay=0.0, b2=0.99,
+    cfg.optim.update(dict(lr=lr, min_lr=1e-6, warmup_steps=10, weight_decay=0.0, b2=0.99,
                           trainable=trainable, frozen=frozen))
     cfg.checkpoint.update(dict(every=max(steps // 2, 1), keep=1))
     cfg.data.update(dict(seed=0))
     cfg.data.synthetic = kind
-    cfg.data.synthetic_samples = 6000 if kind == "caption" else 9000
+    cfg.data.synthetic_samples = 6000 if kind == "caption" else 10000
     cfg.data.synthetic_max_turns = 4
     cfg.data.max_pixels = 112 * 112  # images up to 8 x 8 patches (16 image tokens)
     cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=20, seed=12345, seq_len=64, max_patches=64, batch=64))

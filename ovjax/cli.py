@@ -11,6 +11,7 @@ VERBS = {
     "convert": ("ovjax.data.convert", "validate raw data (LLaVA JSON, parquet, webdataset) into raw ArrayRecord shards"),
     "pack": ("ovjax.data.pack", "pack raw shards offline into fixed-size bins (or plan from a lengths file)"),
     "train": ("ovjax.train.loop", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
+    "eval": ("ovjax.eval", "held-out answer-scoring evaluation of a demo checkpoint (and its zero-image control)"),
     "demo": ("ovjax.demo", "the embedded end-to-end demo on CPU"),
 }
 

@@ -9,7 +9,7 @@ candidates of its type given by `candidates[type]`. Each (item, candidate) is on
 and its score is the sum of log p over the answer tokens and the closing <|im_end|> (the tokens training
 supervised).
 
-    python -m ovjax eval --checkpoint WORKDIR/stage2 --tokenizer WORKDIR/tokenizer --config configs/demo.py
+    python -m ovjax eval --checkpoint DEMO_DIR/stage2 --tokenizer DEMO_DIR/data/tokenizer [--config configs/demo.py:stage2]
 """
 
 from __future__ import annotations
@@ -188,10 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     from ovjax import checkpoint
     from ovjax.train import loop
 
-    cfg = loop.load_config(args.config, overrides)
+    try:
+        cfg = loop.load_config(args.config, overrides)
+    except loop.ConfigError as e:
+        print(f"eval: config error: {e}", file=sys.stderr)
+        return 2
+    if "eval" not in cfg:
+        print(f"eval: {args.config} has no eval section (configs/demo.py has one)", file=sys.stderr)
+        return 2
+    loop.use_tokenizer(cfg, args.tokenizer)
     params = checkpoint.load_params(args.checkpoint)
     out = synthetic_eval(cfg.model, params, args.tokenizer, n_per_answer=args.n_per_answer, seed=args.seed,
-                         seq_len=int(cfg.eval.seq_len), max_patches=int(cfg.eval.max_patches))
+                         seq_len=int(cfg.eval.seq_len), max_patches=int(cfg.eval.max_patches),
+                         batch=int(cfg.eval.batch), max_pixels=int(cfg.data.max_pixels) or None)
     print(json.dumps(out, indent=2))
     return 0
 

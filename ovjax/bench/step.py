@@ -94,7 +94,7 @@ def _median_time(fn, steps: int, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------------- JAX
 
-def bench_jax(cfg, batch: dict, steps: int, warmup: int) -> dict:
+def bench_jax(cfg, batch: dict, steps: int, warmup: int, compiler_options: dict | None = None) -> dict:
     import jax
 
     from ovjax import sharding
@@ -110,7 +110,7 @@ def bench_jax(cfg, batch: dict, steps: int, warmup: int) -> dict:
     mesh = sharding.make_mesh(run.mesh, devices=jax.devices()[:1])
     setup = state_lib.build(run, mesh)
     state = state_lib.init_state(setup, jax.random.PRNGKey(0))
-    ts = step_lib.TrainStep(setup)
+    ts = step_lib.TrainStep(setup, compiler_options=compiler_options)
     dev_batch = step_lib.put_batch(batch, ts)
     t0 = time.perf_counter()
     holder = {"state": state}
@@ -213,7 +213,8 @@ def bench_torch(cfg, batch: dict, steps: int, warmup: int, compile_model: bool) 
 
 # -------------------------------------------------------------------------------------------- run
 
-def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch: bool = True) -> dict:
+def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch: bool = True,
+        jax_compiler_options: dict | None = None) -> dict:
     import jax
 
     from ovjax.train import flops as flops_lib, metrics
@@ -227,7 +228,7 @@ def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch:
         batch = make_batch(cfg, rows, seq_len, grid)
         f = flops_lib.step_flops(cfg, rows, seq_len, grid[0] * grid[1], 1)["train"]
         tokens = rows * seq_len
-        entries = {"ovjax (jax.jit)": lambda: bench_jax(cfg, batch, steps, warmup),
+        entries = {"ovjax (jax.jit)": lambda: bench_jax(cfg, batch, steps, warmup, jax_compiler_options),
                    "PyTorch eager": lambda: bench_torch(cfg, batch, steps, warmup, False)}
         if compile_torch:
             entries["PyTorch torch.compile"] = lambda: bench_torch(cfg, batch, steps, warmup, True)
@@ -271,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--smoke", action="store_true", help="tiny preset, one timed step, eager PyTorch only")
     args = p.parse_args(argv)
-    if args.smoke:
-        res = run(("tiny",), steps=1, warmup=0, compile_torch=False)
+    if args.smoke:  # XLA's quick compile: the smoke checks that everything runs, not its speed
+        res = run(("tiny",), steps=1, warmup=0, compile_torch=False,
+                  jax_compiler_options={"xla_backend_optimization_level": 0})
     else:
         res = run(tuple(s.strip() for s in args.presets.split(",") if s.strip()), steps=args.steps,
                   compile_torch=not args.no_compile)

@@ -16,7 +16,8 @@ Texts (all lower case):
     position  "where is the shape?"          -> top left | top right | bottom left | bottom right
               (asked only of one-object scenes: the quadrant of that object)
 
-A training sample of stage 2 is one conversation over one image with 1..4 question turns in random order;
+A training sample of stage 2 is one conversation over one image asking every question type the image allows
+(up to `max_turns`), in random order;
 an evaluation item is one question. `write_split` writes LLaVA JSON + PNG files that `ovjax.data.convert`
 reads. Everything is a pure function of the seed.
 """
@@ -140,10 +141,12 @@ def caption_conversation(scene: Scene) -> list[dict]:
 
 
 def qa_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4) -> list[dict]:
-    """1..max_turns question turns in random order; the image sits in the first user turn."""
+    """min(max_turns, applicable types) question turns of distinct types in random order; the image sits in
+    the first user turn. Every turn's answer is supervised, so one image teaches every question type it
+    allows (its first turn is exactly the single-question prompt of the evaluation)."""
     types = list(question_types(scene))
     rng.shuffle(types)
-    types = types[:int(rng.integers(1, min(max_turns, len(types)) + 1))]
+    types = types[:min(max_turns, len(types))]
     conv = []
     for i, t in enumerate(types):
         conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + QUESTIONS[t]})

@@ -215,9 +215,7 @@ SYNTHETIC_MODELS = ("tiny", "demo")  # model names that default to the synthetic
 def synthetic_data(cfg, root: Path, log=print) -> tuple[Path, Path]:
     """(packed dir, tokenizer dir) of the synthetic set this run's config asks for, made under `root` if
     missing; the model's vocabulary size and special-token ids are set from the tokenizer."""
-    from transformers import AutoTokenizer
-
-    from ovjax.data import synthetic, tokenizer
+    from ovjax.data import synthetic
 
     t, d = cfg.train, cfg.data
     max_pixels = d.max_pixels or min(synthetic.MAX_PIXELS, (t.max_patches // 2) * 196)  # ~2 images a row
@@ -229,14 +227,23 @@ def synthetic_data(cfg, root: Path, log=print) -> tuple[Path, Path]:
                                      max_segments=t.max_segments or None, max_turns=turns, max_pixels=max_pixels,
                                      log=log)
     tok_dir = root / "tokenizer"
-    ids = tokenizer.special_token_ids(AutoTokenizer.from_pretrained(str(tok_dir)))
-    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    m = cfg.model
-    m.text.vocab_size = vocab
-    m.image_token_id, m.video_token_id = ids["image_pad"], ids["video_pad"]
-    m.vision_start_token_id, m.vision_end_token_id = ids["vision_start"], ids["vision_end"]
+    use_tokenizer(cfg, tok_dir)
     d.max_pixels = max_pixels
     return packed, tok_dir
+
+
+def use_tokenizer(cfg, tok_dir: Path) -> None:
+    """Set the model's vocabulary size and special-token ids from a tokenizer directory."""
+    from transformers import AutoTokenizer
+
+    from ovjax.data import tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = tokenizer.special_token_ids(tok)
+    m = cfg.model
+    m.text.vocab_size = len(tok)
+    m.image_token_id, m.video_token_id = ids["image_pad"], ids["video_pad"]
+    m.vision_start_token_id, m.vision_end_token_id = ids["vision_start"], ids["vision_end"]
 
 
 def find_tokenizer(packed_dir: Path) -> Path | None:

@@ -174,3 +174,18 @@ def test_nonfinite_skip(monkeypatch, tmp_path, data_root):
     assert recs[-1]["skipped_updates"] == 1 and np.isfinite(recs[-1]["loss"])
     params = checkpoint.load_params(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_step_benchmark_smoke():
+    from ovjax.bench import step as bench
+
+    res = bench.run(("tiny",), steps=1, warmup=0, compile_torch=False,
+                    jax_compiler_options={"xla_backend_optimization_level": 0})
+    rows = {r["framework"]: r for r in res["rows"]}
+    assert set(rows) == {"ovjax (jax.jit)", "PyTorch eager"}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and np.isfinite(r["loss"])
+    # the same random-init model family on the same batch: both start near log(vocab)
+    assert abs(rows["ovjax (jax.jit)"]["loss"] - rows["PyTorch eager"]["loss"]) < 0.5
+    assert "| tiny |" in bench.markdown(res)
