@@ -292,11 +292,20 @@ def resolve_data(cfg, workdir: Path, log=print) -> Path:
         else:
             log(f"note: could not find the tokenizer of {p} (set data.tokenizer) to check the model's token ids")
         return p
+    if jax_process_count() > 1:
+        raise ConfigError("data.train is empty: make the synthetic set with one process first (or set data.train); "
+                          "several processes would each write it")
     if cfg.model.name not in SYNTHETIC_MODELS:
         raise ConfigError(f"data.train is empty: set --config.data.train=PACKED_DIR (only the tiny preset "
                           f"has a synthetic default; this is {cfg.model.name})")
     packed, _ = synthetic_data(cfg, Path(cfg.data.synthetic_root or workdir / "data"), log)
     return packed
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def make_loader(cfg, data_dir: Path, mesh):
@@ -412,6 +421,18 @@ class Start:
     source: str
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _model_section(cfg_json: dict) -> dict:
     m = dict(cfg_json["model"])
     for k in ("dtype", "param_dtype", "attention_impl", "remat"):
@@ -442,8 +463,8 @@ def initial_state(cfg, setup, workdir: Path, ckpt, log=print) -> Start:
         prev = checkpoint.read_meta(src)
         if "config" in prev:
             mine, theirs = _model_section(json.loads(cfg.to_json())), _model_section(json.loads(prev["config"]))
-            if mine != theirs:
-                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            diff = differences(mine, theirs)
+            if diff:
                 raise ConfigError(f"init.from_checkpoint={src}: its model config differs in {diff}")
         params = checkpoint.load_params(src, setup.abstract_with_shardings().params)
         return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
@@ -452,12 +473,13 @@ def initial_state(cfg, setup, workdir: Path, ckpt, log=print) -> Start:
         from ovjax import hf
 
         model = hf.load(cfg.init.from_hf, remote_code_quirks=False)
-        mine = {k: v for k, v in json.loads(cfg.to_json())["model"].items() if k in ("vision", "text")}
-        theirs = {k: v for k, v in json.loads(ml_collections.ConfigDict(model.cfg).to_json()).items()
-                  if k in ("vision", "text")}
-        if mine != theirs:
+        keys = ("vision", "text", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        mine = {k: v for k, v in json.loads(cfg.to_json())["model"].items() if k in keys}
+        theirs = {k: v for k, v in json.loads(ml_collections.ConfigDict(model.cfg).to_json()).items() if k in keys}
+        diff = differences(mine, theirs)
+        if diff:
             raise ConfigError(f"init.from_hf={cfg.init.from_hf}: its config.json describes another model than "
-                              f"model.* of this run (vision/text sections differ)")
+                              f"model.* of this run; they differ in {diff}")
         params = jax.tree_util.tree_map(lambda x: jax.device_get(x), model.params)
         return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
                      f"imported {cfg.init.from_hf}, fresh optimizer")

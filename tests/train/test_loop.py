@@ -189,3 +189,23 @@ def test_step_benchmark_smoke():
     # the same random-init model family on the same batch: both start near log(vocab)
     assert abs(rows["ovjax (jax.jit)"]["loss"] - rows["PyTorch eager"]["loss"]) < 0.5
     assert "| tiny |" in bench.markdown(res)
+
+
+def test_start_from_an_imported_hf_checkpoint(fixture_dir, tmp_path):
+    from ovjax import hf, sharding
+    from ovjax.train import state as state_lib
+
+    cfg = loop.load_config("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir))])
+    setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
+    start = loop.initial_state(cfg, setup, tmp_path, checkpoint.Checkpointer(tmp_path / "c"))
+    assert start.step == 0 and "imported" in start.source
+    ref = optim.flat(jax.device_get(hf.load(str(fixture_dir), remote_code_quirks=False).params))
+    got = optim.flat(jax.device_get(start.state.params))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    other = loop.load_config("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir)),
+                                                         ("model.text.intermediate_size", "128")])
+    with pytest.raises(loop.ConfigError, match=r"differ in \['text.intermediate_size'\]"):
+        loop.initial_state(other, state_lib.build(other, sharding.make_mesh(other.mesh)), tmp_path,
+                           checkpoint.Checkpointer(tmp_path / "d"))
