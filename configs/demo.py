@@ -9,8 +9,8 @@ The model is the tiny preset made a little wider (about 0.6M parameters): text h
 two layers each. Its vocabulary size and special-token ids are placeholders here: the demo sets them from
 the tokenizer it trains (`ovjax.train.loop.synthetic_data`), so they always match.
 Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions), 8 rows x 256 tokens.
-Measured (2-core CPU shared with other work): 3.5-6 minutes in all; held-out colour 100%, count 95-99%,
-shape 70-80%, position 25-50%; the zero-image control at chance for every type.
+Measured (2-core CPU shared with other work): 3.5-5 minutes in all; held-out colour 99-100%, count 95-99%,
+shape 70-80%, position 25-68% (it varies most from run to run); the zero-image control at chance.
 """
 
 import ml_collections
