@@ -16,7 +16,6 @@ GPU_CHECK_BUDGET_S (default 400) is the time after which optional work is skippe
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,20 +30,9 @@ def map_kernels_package() -> None:
     """Make `ovjax.kernels` importable from ROOT/kernels when ovjax is not pip-installed."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import ovjax
+    from ovjax.source_tree import map_folder
 
-    try:
-        importlib.import_module("ovjax.kernels.reference")
-        return
-    except ModuleNotFoundError as e:
-        if e.name not in ("ovjax.kernels", "ovjax.kernels.reference"):
-            raise
-    spec = importlib.util.spec_from_file_location("ovjax.kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ovjax.kernels"] = module
-    spec.loader.exec_module(module)
-    ovjax.kernels = module
+    map_folder("kernels")
 
 
 def write_json(result: dict) -> None:

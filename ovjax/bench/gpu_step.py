@@ -15,7 +15,6 @@ name for this process only. `ovjax.configs` is mapped to ROOT/configs when ovjax
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 import pathlib
@@ -110,30 +109,10 @@ def ensure_environment() -> None:
         shim = types.ModuleType("ml_collections")
         shim.ConfigDict, shim.FrozenConfigDict = _MiniConfigDict, _MiniFrozen
         sys.modules["ml_collections"] = shim
-    import ovjax
+    from ovjax.source_tree import map_folder
 
-    try:
-        importlib.import_module("ovjax.configs.models")
-    except ModuleNotFoundError as e:
-        if e.name not in ("ovjax.configs", "ovjax.configs.models"):
-            raise
-        spec = importlib.util.spec_from_file_location("ovjax.configs", ROOT / "configs" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "configs")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ovjax.configs"] = module
-        spec.loader.exec_module(module)
-        ovjax.configs = module
-    try:
-        importlib.import_module("ovjax.kernels")
-    except ModuleNotFoundError as e:
-        if e.name != "ovjax.kernels":
-            raise
-        spec = importlib.util.spec_from_file_location("ovjax.kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ovjax.kernels"] = module
-        spec.loader.exec_module(module)
-        ovjax.kernels = module
+    map_folder("configs")
+    map_folder("kernels")
 
 
 # ------------------------------------------------------------------------------------- the step
