@@ -6,8 +6,8 @@
 
 arg = stage1 | stage1_5 | stage2 (| smoke_stage1 ...: the same with a handful of steps, for tests).
 The model is the tiny preset made a little wider (about 0.6M parameters): text hidden 128, ViT hidden 64,
-two layers each. Its vocabulary size and special-token ids are placeholders here: the demo sets them from
-the tokenizer it trains (`ovjax.train.loop.synthetic_data`), so they always match.
+two layers each. Its vocabulary size and special-token ids are placeholders here: the synthetic-data step
+(`ovjax.train.dataset.with_synthetic_data`) sets them from the tokenizer it trains, so they always match.
 Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions), 8 rows x 256 tokens.
 Measured (2-core CPU shared with other work): 3.5-5 minutes in all; held-out colour 99-100%, count 95-99%,
 shape 70-80%, position 25-68% (it varies most from run to run); the zero-image control at chance.

@@ -8,9 +8,10 @@ import sys
 
 # verb -> (module with a `main(argv) -> int`, one-line description)
 VERBS = {
+    "synth": ("ovjax.data.synthetic", "make the synthetic shapes dataset (tokenizer, convert, pack): --out DIR"),
     "convert": ("ovjax.data.convert", "validate raw data (LLaVA JSON, parquet, webdataset) into raw ArrayRecord shards"),
     "pack": ("ovjax.data.pack", "pack raw shards offline into fixed-size bins (or plan from a lengths file)"),
-    "train": ("ovjax.train.loop", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
+    "train": ("ovjax.train.command", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
     "eval": ("ovjax.eval", "held-out answer-scoring evaluation of a demo checkpoint (and its zero-image control)"),
     "demo": ("ovjax.demo", "the embedded end-to-end demo on CPU"),
 }

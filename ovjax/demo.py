@@ -103,9 +103,9 @@ def loss_plot(workdir: pathlib.Path, path: pathlib.Path) -> None:
 def run_demo(workdir: pathlib.Path, *, smoke: bool, fixture: pathlib.Path | None, log=print) -> dict:
     import jax
 
-    from ovjax import checkpoint
+    from ovjax import checkpoint, config
     from ovjax import eval as eval_lib
-    from ovjax.train import loop
+    from ovjax.train import dataset, loop
 
     t0 = time.perf_counter()
     report: dict = {"workdir": str(workdir), "devices": jax.device_count(), "smoke": smoke}
@@ -116,13 +116,11 @@ def run_demo(workdir: pathlib.Path, *, smoke: bool, fixture: pathlib.Path | None
             log(f"   {k}: {v}")
     prev, stages = None, {}
     for name in STAGES:
-        cfg = loop.load_config(f"configs/demo.py:{'smoke_' if smoke else ''}{name}")
+        overrides = [("train.progress", "lines")] + ([("init.from_checkpoint", str(prev))] if prev else [])
+        cfg = config.load(f"configs/demo.py:{'smoke_' if smoke else ''}{name}", overrides)
         t_data = time.perf_counter()
-        packed, tok_dir = loop.synthetic_data(cfg, workdir / "data", log=log)
-        cfg.data.train = str(packed)
-        cfg.train.progress = "lines"
-        if prev is not None:
-            cfg.init.from_checkpoint = str(prev)
+        cfg = dataset.with_synthetic_data(cfg, workdir / "data", log=log)
+        tok_dir = cfg.data.tokenizer
         log(f"== {name}: {cfg.train.steps} steps on {cfg.data.synthetic} data, trainable {tuple(cfg.optim.trainable)}")
         data_s = time.perf_counter() - t_data
         summary = loop.run(cfg, workdir / name)

@@ -185,18 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-per-answer", type=int, default=10)
     parser.add_argument("--seed", type=int, default=12345)
     args, overrides = parser.parse_known_args(argv)
-    from ovjax import checkpoint
-    from ovjax.train import loop
+    from ovjax import checkpoint, config
+    from ovjax.train import dataset
 
     try:
-        cfg = loop.load_config(args.config, overrides)
-    except loop.ConfigError as e:
+        cfg = config.load(args.config, overrides)
+        cfg = config.with_values(cfg, dataset.tokenizer_values(args.tokenizer))
+    except config.ConfigError as e:
         print(f"eval: config error: {e}", file=sys.stderr)
         return 2
     if "eval" not in cfg:
         print(f"eval: {args.config} has no eval section (configs/demo.py has one)", file=sys.stderr)
         return 2
-    loop.use_tokenizer(cfg, args.tokenizer)
     params = checkpoint.load_params(args.checkpoint)
     out = synthetic_eval(cfg.model, params, args.tokenizer, n_per_answer=args.n_per_answer, seed=args.seed,
                          seq_len=int(cfg.eval.seq_len), max_patches=int(cfg.eval.max_patches),

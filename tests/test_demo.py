@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from ovjax import demo
-from ovjax.train import loop
+from ovjax import config, demo
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stage_chain():
-    s1, s15, s2 = (loop.load_config(f"configs/demo.py:{s}") for s in demo.STAGES)
+    s1, s15, s2 = (config.load(f"configs/demo.py:{s}") for s in demo.STAGES)
     assert tuple(s1.optim.trainable) == ("merger",) and s1.data.synthetic == "caption"
     assert set(s15.optim.trainable) == {"visual", "merger", "language_model"} and s15.data.synthetic == "caption"
     assert set(s2.optim.trainable) == {"visual", "merger", "language_model"} and s2.data.synthetic == "qa"
@@ -26,7 +25,7 @@ def test_stage_chain():
         assert c.model.to_dict() == s1.model.to_dict()  # one model through the stages
         assert c.mesh.data == 2
     with pytest.raises(ValueError, match="unknown stage"):
-        loop.load_config("configs/demo.py:stage3")
+        config.load("configs/demo.py:stage3")
 
 
 def _result(acc, ctrl):

@@ -20,14 +20,24 @@ A training sample of stage 2 is one conversation over one image asking every que
 (up to `max_turns`), in random order;
 an evaluation item is one question. `write_split` writes LLaVA JSON + PNG files that `ovjax.data.convert`
 reads. Everything is a pure function of the seed.
+
+The verb makes the packed set (tokenizer -> LLaVA JSON + PNGs -> convert -> pack), reusing what exists:
+
+    python -m ovjax synth --out DIR --config configs/stage2.py:tiny      # shapes and kind from a run config
+    python -m ovjax synth --out DIR --kind qa --samples 2000 --seq-len 256 --max-patches 256 --max-images 8
+
+It prints the packed directory and the tokenizer directory; train with `--config.data.train=PACKED`.
+`python -m ovjax train` with an empty `data.train` (tiny/demo models) runs this same function up front.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +285,80 @@ def ensure_packed(root: str | os.PathLike, kind: str, *, n: int, seed: int, seq_
                                                max_images=max_images), seed=seed, workers=1)
     os.replace(tmp, packed)
     return packed
+
+
+# ----------------------------------------------------------------------------- the verb
+
+@dataclasses.dataclass(frozen=True)
+class SynthSpec:
+    """Everything that determines one packed synthetic set (`make` reuses a set made with the same spec)."""
+    out: str
+    kind: str = "caption"
+    samples: int = 2000
+    seed: int = 0
+    seq_len: int = 64
+    max_patches: int = 64
+    max_images: int = 4
+    max_segments: int = 0  # 0 = no limit
+    max_turns: int = 4
+    max_pixels: int = MAX_PIXELS
+
+    def command(self) -> str:
+        """The `python -m ovjax synth` command line that makes this set."""
+        flags = " ".join(f"--{f.name.replace('_', '-')} {getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return f"python -m ovjax synth {flags}"
+
+
+def spec_for_run(cfg, out: str | os.PathLike) -> SynthSpec:
+    """The set a run config asks for (sections train and data; `data.synthetic*`, `data.max_pixels`)."""
+    t, d = cfg.train, cfg.data
+    max_pixels = d.max_pixels or min(MAX_PIXELS, (t.max_patches // 2) * 196)  # ~2 images a row
+    # one merged token is 28x28 px; keep whole merge cells and stay within the row's patch budget
+    max_pixels = max(3136, (max_pixels // 784) * 784)
+    turns = d.synthetic_max_turns or (1 if t.seq_len < 128 else 4)
+    return SynthSpec(out=str(Path(out).absolute()), kind=d.synthetic, samples=int(d.synthetic_samples),
+                     seed=int(d.seed), seq_len=int(t.seq_len), max_patches=int(t.max_patches),
+                     max_images=int(t.max_images), max_segments=int(t.max_segments or 0), max_turns=int(turns),
+                     max_pixels=int(max_pixels))
+
+
+def make(spec: SynthSpec, log=print) -> tuple[Path, Path]:
+    """-> (packed dir, tokenizer dir) of `spec`, made under `spec.out` unless there already."""
+    packed = ensure_packed(spec.out, spec.kind, n=spec.samples, seed=spec.seed, seq_len=spec.seq_len,
+                           max_patches=spec.max_patches, max_images=spec.max_images,
+                           max_segments=spec.max_segments or None, max_turns=spec.max_turns,
+                           max_pixels=spec.max_pixels, log=log)
+    return packed, Path(spec.out).absolute() / "tokenizer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ovjax import config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m ovjax synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory of the set (reused when already made)")
+    parser.add_argument("--config", help="a run config FILE.py:ARG to take the kind and shapes from")
+    for f in dataclasses.fields(SynthSpec):
+        if f.name != "out":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                                help=f"default: the config's, else {f.default}")
+    try:
+        rest, overrides = config.split_overrides(argv)
+        args = parser.parse_args(rest)
+        if args.config:
+            spec = spec_for_run(config.load(args.config, overrides), args.out)
+        elif overrides:
+            raise config.ConfigError("--config.* overrides need --config FILE.py:ARG")
+        else:
+            spec = SynthSpec(out=str(Path(args.out).absolute()))
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthSpec)
+                 if f.name != "out" and getattr(args, f.name) is not None}
+        spec = dataclasses.replace(spec, **given)
+        if spec.kind not in ("caption", "qa") or min(spec.samples, spec.seq_len, spec.max_patches, spec.max_images) < 1:
+            raise config.ConfigError(f"synth: kind must be caption|qa and sizes positive, got {spec}")
+    except config.ConfigError as e:
+        print(f"synth: error: {e}", file=sys.stderr)
+        return 2
+    packed, tok = make(spec)
+    print(f"packed {packed}\ntokenizer {tok}")
+    return 0

@@ -1,12 +1,14 @@
-"""Default config sections of a training run (`configs/stage*.py` start from these).
+"""The whole schema of a training run (`configs/stage*.py` start from these; nothing adds fields later).
 
-Sections: model (a preset of configs/models.py), mesh, optim, train, checkpoint, data.
+Sections: model (a preset of configs/models.py), mesh, optim, train, checkpoint, init, data.
+`validate(cfg)` checks what the loop needs of them.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from ovjax.config import ConfigError
 from ovjax.configs.models import preset
 
 
@@ -34,18 +36,43 @@ def train_config(**kw) -> ml_collections.ConfigDict:
         steps=100, log_every=10, micro_batches=1, batch_size=8, seq_len=8192,
         max_patches=16368, max_images=16,   # ViT buffer per row; CLS slots per row
         loss_chunk=1024,                    # tokens per chunk of the chunked cross-entropy
-        seed=0,
+        max_segments=0,                     # samples per packed row the loader accepts (0 = no limit)
+        seed=0,                             # random init
+        on_nonfinite="stop",                # stop | skip (skip: the update is dropped, the step still counts)
+        peak_flops=0.0,                     # per-device peak FLOP/s for MFU; 0 = table / measured (metrics.py)
+        progress="auto",                    # auto | bar | lines
+        xla_compiler_options="",            # "name=value,..." for the step's jit (xla_backend_optimization_level=0)
     ))
     cfg.update(kw)
     return cfg
 
 
 def checkpoint_config(every: int = 500, keep: int = 3) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(every=every, keep=keep))
+    """Orbax checkpoints under DIR/checkpoints every `every` steps and at the end; the `keep` latest kept."""
+    return ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=True))
+
+
+def init_config() -> ml_collections.ConfigDict:
+    """Where a fresh run (no checkpoint in its workdir) starts: at most one of these; neither = random init."""
+    return ml_collections.ConfigDict(dict(
+        from_checkpoint="",                 # a previous stage's workdir: its params, a fresh optimizer
+        from_hf="",                         # a hub-layout directory (ovjax.hf)
+    ))
 
 
 def data_config(**kw) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(seed=0, train="", eval=""))  # paths: placeholders (ovjax.data)
+    """`train`: a packed directory (`python -m ovjax pack`); empty = the synthetic set described by the
+    `synthetic*` fields, made up front by `python -m ovjax synth` (tiny/demo models only)."""
+    cfg = ml_collections.ConfigDict(dict(
+        seed=0, train="", eval="",
+        workers=0,                          # Grain worker processes of the loader
+        min_pixels=3136, max_pixels=0,      # the conversion's image budget (0: the synthetic set's own)
+        tokenizer="",                       # tokenizer dir to check the model's ids against ("" = via manifests)
+        synthetic="caption",                # caption | qa
+        synthetic_samples=2000,
+        synthetic_max_turns=0,              # 0: 1 turn below 128 tokens a row, else 4
+        synthetic_root="",                  # where the synthetic set is made / reused ("" = DIR/data)
+    ))
     cfg.update(kw)
     return cfg
 
@@ -66,9 +93,29 @@ def base_config(model: str = "tiny") -> ml_collections.ConfigDict:
     cfg.optim = optim_config()
     cfg.train = train_config()
     cfg.checkpoint = checkpoint_config()
+    cfg.init = init_config()
     cfg.data = data_config()
     if model == "tiny":
         cfg.train.update(dict(steps=20, log_every=5, batch_size=8, seq_len=64, max_patches=64, max_images=4,
                               loss_chunk=32))
         cfg.checkpoint.update(dict(every=10, keep=2))
     return cfg
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError naming the first field the loop cannot use."""
+    t, c = cfg.train, cfg.checkpoint
+    for section, key in (("train", "steps"), ("train", "batch_size"), ("train", "seq_len"), ("train", "log_every"),
+                         ("checkpoint", "every")):
+        v = cfg[section][key]
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{section}.{key} must be a positive int, got {v!r}")
+    for key, allowed in (("on_nonfinite", ("stop", "skip")), ("progress", ("auto", "bar", "lines"))):
+        if t[key] not in allowed:
+            raise ConfigError(f"train.{key} must be one of {allowed}, got {t[key]!r}")
+    if c.keep is not None and c.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be >= 1, got {c.keep}")
+    if cfg.init.from_checkpoint and cfg.init.from_hf:
+        raise ConfigError("set at most one of init.from_checkpoint and init.from_hf")
+    if t.batch_size % t.micro_batches:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.micro_batches {t.micro_batches}")

@@ -75,6 +75,59 @@ def peak_flops(device=None, override: float | None = None) -> tuple[float, str]:
     return math.nan, f"no peak known for platform {device.platform}: set train.peak_flops"
 
 
+# ------------------------------------------------------------------------------------ counting
+
+class Tally:
+    """Run counters and the current logging interval, fed each step's fetched (host) metrics once.
+
+    add(step, m) counts a step (returns whether its update was finite); start_clock() starts timing
+    (after the first step, so compile time is not a rate); record(step, epoch) -> the metrics.jsonl object
+    of a log step (rates over the steps added since the previous record), and starts the next interval."""
+
+    def __init__(self, counters: dict, *, step_flops: float, n_devices: int, peak: float):
+        self.counters = dict(counters)
+        self.last: dict = {}
+        self._flops, self._n_devices, self._peak = step_flops, n_devices, peak
+        self._t0: float | None = None
+        self._tokens, self._steps = 0.0, 0
+
+    def add(self, step: int, m: dict) -> bool:
+        c = self.counters
+        for key, name in (("samples_seen", "samples"), ("tokens_seen", "tokens"),
+                          ("supervised_tokens_seen", "supervised_tokens"), ("images_seen", "images")):
+            c[key] += int(m[name])
+        finite = bool(m["finite"])
+        c["skipped_updates"] += 0 if finite else 1
+        if self._t0 is not None:
+            self._tokens += float(m["tokens"])
+            self._steps += 1
+        self.last = {"step": step, **m}
+        return finite
+
+    def start_clock(self) -> None:
+        self._t0, self._tokens, self._steps = time.perf_counter(), 0.0, 0
+
+    def record(self, step: int, epoch: float) -> dict:
+        from ovjax.train import flops as flops_lib
+
+        dt = time.perf_counter() - self._t0 if self._t0 is not None else math.nan
+        n, m, c = self._steps, self.last, self.counters
+        rec = {
+            "step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+            "tokens_per_s": self._tokens / dt if n else math.nan,
+            "step_seconds": dt / n if n else math.nan,
+            "mfu": flops_lib.mfu(self._flops, dt / n, self._n_devices, self._peak) if n else math.nan,
+            "samples_seen": c["samples_seen"], "tokens_seen": c["tokens_seen"],
+            "supervised_tokens": int(m["supervised_tokens"]),
+            "supervised_fraction": float(m["supervised_tokens"]) / max(1.0, float(m["tokens"])),
+            "supervised_tokens_seen": c["supervised_tokens_seen"], "images_seen": c["images_seen"],
+            "epoch": round(epoch, 4), "skipped_updates": c["skipped_updates"],
+        }
+        rec.update({k: float(v) for k, v in m.items() if k.startswith("lr/")})
+        self.start_clock()
+        return rec
+
+
 # ------------------------------------------------------------------------------------ writers
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -73,13 +73,18 @@ def _fresh(setup: Setup, params) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(trainable))
 
 
-def init_state(setup: Setup, rng) -> TrainState:
-    """Random init, every array created in its sharding under jit (never a full copy on one host)."""
+def make_init(setup: Setup):
+    """jit(rng) -> a random TrainState, every array created in its sharding (never a full copy on one host)."""
     def init(key):
         return _fresh(setup, sharding.unbox(vlm.init_params(setup.model_cfg, key, boxed=True)))
     # XLA:CPU spends ~20 s optimising the tiny model's random init; it runs once, so skip the optimiser there.
     opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return sharding.sharded_init(init, setup.shardings, rng, compiler_options=opts)
+    return jax.jit(init, out_shardings=setup.shardings, compiler_options=opts)
+
+
+def init_state(setup: Setup, rng) -> TrainState:
+    """Random init (see make_init)."""
+    return make_init(setup)(rng)
 
 
 def state_from_params(setup: Setup, params) -> TrainState:

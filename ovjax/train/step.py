@@ -16,11 +16,20 @@ ovjax/models/qwen3.py), so each device attends its query block to the full keys.
 segment layout; costs one all-gather of K/V per layer (K/V are small with GQA: 8 of 32 heads).
 
 Metrics: loss, grad_norm (before clipping), lr (default group) and lr/<group>, supervised_tokens, tokens
-(non-padding), finite (loss and grad norm finite; the loop decides what to do when not).
+(non-padding), samples and images (packed samples and images of the global batch), finite (loss and grad
+norm finite).
+
+Non-finite updates: the step takes a traced bool `skip_nonfinite` (one program serves both modes); when it
+is true, an update with a non-finite loss or gradient norm is replaced by the old params and optimizer state
+(the step counter still advances). The loop stops the run instead when it is false.
+
+`TrainStep` is THE compiled step: `python -m ovjax train` (via `build`, memoized per config), the tests and
+the benchmarks all call it; it also holds the jitted random init of the state (`init`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -32,7 +41,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ovjax import sharding
 from ovjax.models import vlm
 from ovjax.models.layers import constrain
+from ovjax.config import ConfigError
 from ovjax.train import optim
+from ovjax.train import state as state_lib
 from ovjax.train.state import Setup, TrainState
 
 IMAGE_KEYS = ("patches", "patch_segment", "patch_hw")
@@ -165,10 +176,29 @@ def make_step_fn(setup: Setup):
     return step
 
 
-class TrainStep:
-    """`jax.jit` of the step with explicit in/out shardings; the state argument is donated.
+def with_nonfinite_guard(step):
+    """(state, batch) -> (state, metrics) ==> (state, batch, skip_nonfinite) -> (state, metrics): drop a
+    non-finite update when `skip_nonfinite`; add the batch's sample and image counts to the metrics."""
+    def guarded(state: TrainState, batch, skip_nonfinite):
+        new, m = step(state, batch)
+        take = m["finite"] | jnp.logical_not(skip_nonfinite)
+        # a conditional, not an elementwise select: no pass over the params when the update is taken
+        params, opt_state = jax.lax.cond(take, lambda a, b: a, lambda a, b: b,
+                                         (new.params, new.opt_state), (state.params, state.opt_state))
+        m = dict(m)
+        m["samples"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
+        m["images"] = (jnp.sum(jnp.max(batch["patch_segment"], axis=1)).astype(jnp.float32)
+                       if "patch_segment" in batch else jnp.zeros((), jnp.float32))
+        return TrainState(step=new.step, params=params, opt_state=opt_state), m
+    return guarded
 
-    step(state, batch) -> (state, metrics); step.lower(abstract_state, abstract_batch) for AOT."""
+
+class TrainStep:
+    """`jax.jit` of the guarded step with explicit in/out shardings; the state argument is donated.
+
+    step(state, batch, skip_nonfinite=False) -> (state, metrics); step.put(batch) places a batch in the
+    step's shardings; step.init(seed) -> a random TrainState made in its shardings; step.lower() for AOT
+    (arguments: state, batch, the skip flag; `flag(bool)` gives the flag's device value)."""
 
     def __init__(self, setup: Setup, batch_size: int | None = None, compiler_options: dict | None = None):
         self.setup = setup
@@ -176,25 +206,76 @@ class TrainStep:
         self.batch_shardings = sharding.batch_shardings(structs, setup.mesh, int(setup.cfg.train.micro_batches))
         self.batch_struct = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
                              for k, v in structs.items()}
-        replicated = NamedSharding(setup.mesh, P())
-        self._jit = jax.jit(make_step_fn(setup), in_shardings=(setup.shardings, self.batch_shardings),
-                            out_shardings=(setup.shardings, replicated), donate_argnums=(0,),
+        self._replicated = NamedSharding(setup.mesh, P())
+        self._flags = {}
+        self._jit = jax.jit(with_nonfinite_guard(make_step_fn(setup)),
+                            in_shardings=(setup.shardings, self.batch_shardings, self._replicated),
+                            out_shardings=(setup.shardings, self._replicated), donate_argnums=(0,),
                             compiler_options=compiler_options)
+        self._init = None
 
-    def __call__(self, state, batch):
+    def flag(self, skip_nonfinite: bool) -> jax.Array:
+        if skip_nonfinite not in self._flags:
+            self._flags[skip_nonfinite] = jax.device_put(np.bool_(skip_nonfinite), self._replicated)
+        return self._flags[skip_nonfinite]
+
+    def __call__(self, state, batch, skip_nonfinite: bool = False):
         missing = set(self.batch_struct) - set(batch)
         if missing:
             raise ValueError(f"batch lacks {sorted(missing)}")
         for k, s in self.batch_struct.items():
             if tuple(batch[k].shape) != s.shape:
                 raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, the config expects {s.shape}")
-        return self._jit(state, {k: batch[k] for k in self.batch_struct})
+        return self._jit(state, {k: batch[k] for k in self.batch_struct}, self.flag(bool(skip_nonfinite)))
+
+    def put(self, batch) -> dict[str, jax.Array]:
+        """A batch (host numpy, or global arrays) -> global arrays in the step's shardings (moved only where
+        the sharding differs)."""
+        return {k: (batch[k] if getattr(batch[k], "sharding", None) == s
+                    else jax.device_put(np.asarray(batch[k]) if isinstance(batch[k], np.ndarray) else batch[k], s))
+                for k, s in self.batch_shardings.items()}
+
+    def init(self, seed: int) -> TrainState:
+        """Random init of the whole state, every array made in its sharding (the jitted init is kept)."""
+        if self._init is None:
+            self._init = state_lib.make_init(self.setup)
+        return self._init(jax.random.PRNGKey(seed))
 
     def lower(self, state=None, batch=None):
         return self._jit.lower(state if state is not None else self.setup.abstract_with_shardings(),
-                               batch if batch is not None else self.batch_struct)
+                               batch if batch is not None else self.batch_struct,
+                               jax.ShapeDtypeStruct((), jnp.bool_, sharding=self._replicated))
 
 
 def put_batch(batch: dict[str, np.ndarray], step: TrainStep) -> dict[str, jax.Array]:
     """Host numpy batch (the whole global batch, one process) -> sharded global arrays."""
-    return {k: jax.device_put(np.asarray(batch[k]), step.batch_shardings[k]) for k in step.batch_struct}
+    return step.put(batch)
+
+
+def compiler_options(text: str) -> dict | None:
+    """`train.xla_compiler_options` "a=1,b=x" -> {"a": 1, "b": "x"} (None when empty)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"train.xla_compiler_options: {item!r} is not name=value")
+        out[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+    return out or None
+
+
+_BUILT: dict[str, TrainStep] = {}
+LOOP_ONLY = ("on_nonfinite", "progress", "log_every", "peak_flops")  # train fields the compiled step never reads
+
+
+def build(setup: Setup, compiler_options: dict | None = None) -> TrainStep:
+    """The TrainStep of `setup`, kept per (model, optim, train, mesh sections, devices, options), so a second
+    run of the same config in one process (tests, the demo) reuses the compiled programs."""
+    c = setup.cfg
+    sections = {k: json.loads(c[k].to_json()) for k in ("model", "optim", "train", "mesh")}
+    for k in LOOP_ONLY:
+        sections["train"].pop(k, None)
+    key = json.dumps([sections, [d.id for d in setup.mesh.devices.flat], list(setup.mesh.axis_names),
+                      list(setup.mesh.devices.shape), compiler_options], sort_keys=True, default=str)
+    if key not in _BUILT:
+        _BUILT[key] = TrainStep(setup, compiler_options=compiler_options)
+    return _BUILT[key]

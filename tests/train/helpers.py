@@ -37,18 +37,18 @@ def host(tree):
 
 def run(cfg, shape, host_batches, seed: int = 0, params=None):
     """-> (host params at init, [metrics per step], host params after the steps, setup, final state).
-    params: host params to start from (placed onto the mesh); None = sharded random init from `seed`."""
+    params: host params to start from (placed onto the mesh); None = sharded random init from `seed`.
+
+    The step and the random init are `step.build(setup, ...)`'s, the very objects `python -m ovjax train`
+    runs (ovjax/train/loop.py), compiled ahead of time here to read their HLO."""
     setup = state_lib.build(cfg, mesh_of(shape))
-    if params is None:
-        state = state_lib.init_state(setup, jax.random.PRNGKey(seed))
-    else:
-        state = state_lib.state_from_params(setup, params)
+    step = step_lib.build(setup, compiler_options=FAST)
+    state = step.init(seed) if params is None else state_lib.state_from_params(setup, params)
     init = host(state.params)
-    step = step_lib.TrainStep(setup, compiler_options=FAST)
     compiled = step.lower().compile()
     metrics = []
     for b in host_batches:
-        state, m = compiled(state, step_lib.put_batch(b, step))
+        state, m = compiled(state, step.put(b), step.flag(False))
         metrics.append({k: float(v) for k, v in m.items()})
     run.last_hlo = compiled.as_text()
     return init, metrics, host(state.params), setup, state

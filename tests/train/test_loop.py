@@ -1,54 +1,29 @@
-"""The train loop in process: config overrides, outputs, stage semantics (stage 1 trains only the projector;
-a stage started from the previous one begins with its params), the non-finite guard."""
+"""The train loop in process: outputs, stage semantics (stage 1 trains only the projector; a stage started
+from the previous one begins with its params), the non-finite guard, and that the loop runs THE step of
+ovjax/train/step.py (the one tests/train/helpers.py drives). Config parsing: tests/test_config.py."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from ovjax import checkpoint
-from ovjax.train import loop, optim
+from ovjax import checkpoint, config
+from ovjax.train import command, dataset, loop, optim, start as start_lib
+from ovjax.train import step as step_lib
 
 FAST = [("train.xla_compiler_options", "xla_backend_optimization_level=0"), ("train.steps", "4"),
         ("train.log_every", "2"), ("checkpoint.every", "2"), ("data.synthetic_samples", "200"),
         ("train.progress", "lines")]
 
 
-# ------------------------------------------------------------------------------------------ config
-
-def test_overrides_cast_to_the_field_type():
-    cfg = loop.load_config("configs/stage1.py:tiny", ["--config.train.steps=7", "--config.optim.lr", "0.5",
-                                                      "--config.checkpoint.async_save=false",
-                                                      "--config.optim.trainable=merger,visual",
-                                                      "--config.mesh.fsdp=2", "--config.data.train=/x"])
-    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
-    assert cfg.optim.lr == 0.5
-    assert cfg.checkpoint.async_save is False
-    assert tuple(cfg.optim.trainable) == ("merger", "visual")
-    assert cfg.mesh.fsdp == 2 and cfg.data.train == "/x"
-    assert loop.load_config("configs/stage2.py:tiny").data.synthetic == "qa"
-    assert loop.load_config("configs/stage1.py:8b").model.text.hidden_size == 4096
-
-
-@pytest.mark.parametrize("override, message", [
-    ("--config.train.stepz=3", "unknown key 'stepz'.*steps"),
-    ("--config.trian.steps=3", "no section 'trian'"),
-    ("--config.train.steps=three", "expected an int"),
-    ("--config.checkpoint.async_save=maybe", "expected a bool"),
-    ("--config.train=3", "is a section"),
-])
-def test_bad_overrides(override, message):
-    with pytest.raises(loop.ConfigError, match=message):
-        loop.load_config("configs/stage1.py:tiny", [override])
-
-
 def test_cli_reports_config_errors(capsys):
-    assert loop.main(["--config", "configs/stage1.py:tiny", "--workdir", "/tmp/x", "--config.train.nope=1"]) == 2
+    assert command.main(["--config", "configs/stage1.py:tiny", "--workdir", "/tmp/x", "--config.train.nope=1"]) == 2
     assert "unknown key 'nope'" in capsys.readouterr().err
-    assert loop.main(["--config", "configs/nothing.py:tiny", "--workdir", "/tmp/x"]) == 2
+    assert command.main(["--config", "configs/nothing.py:tiny", "--workdir", "/tmp/x"]) == 2
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -60,27 +35,52 @@ def data_root(tmp_path_factory):
 
 def _cfg(name, data_root, *extra):
     over = FAST + [("data.synthetic_root", str(data_root))] + list(extra)
-    return loop.load_config(f"configs/{name}.py:tiny", over)
+    return config.load(f"configs/{name}.py:tiny", over)
 
 
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory, data_root):
+    """A 4-step stage-1 run; every call of a TrainStep during it is recorded (object, step counter)."""
     workdir = tmp_path_factory.mktemp("stage1")
     cfg = _cfg("stage1", data_root)
-    summary = loop.run(cfg, workdir)
-    return cfg, workdir, summary
+    calls = []
+    real = step_lib.TrainStep.__call__
+
+    def spy(self, state, batch, skip_nonfinite=False):
+        calls.append((self, int(state.step)))
+        return real(self, state, batch, skip_nonfinite)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step_lib.TrainStep, "__call__", spy)
+        summary = loop.run(cfg, workdir)
+    return cfg, workdir, summary, calls
 
 
-def _init_params(cfg):
+def _setup_and_step(cfg):
     from ovjax import sharding
     from ovjax.train import state as state_lib
 
+    cfg, _ = dataset.prepare(cfg, Path("/nonexistent"))  # data.synthetic_root is set: the made set is reused
     setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
-    return jax.device_get(loop.random_state(setup, cfg.train.seed).params)
+    return setup, step_lib.build(setup, step_lib.compiler_options(cfg.train.xla_compiler_options))
+
+
+def _init_params(cfg):
+    _, step = _setup_and_step(cfg)
+    return jax.device_get(step.init(cfg.train.seed).params)
+
+
+def test_the_loop_runs_the_step_of_step_py(stage1_run):
+    """Every step of `loop.run` is a call of the TrainStep that `step.build` returns for the run's setup: the
+    object the mesh, accumulation and freeze tests drive (tests/train/helpers.py)."""
+    cfg, _, summary, calls = stage1_run
+    _, step = _setup_and_step(cfg)
+    assert isinstance(step, step_lib.TrainStep)
+    assert [n for _, n in calls] == [0, 1, 2, 3] and summary["step"] == 4
+    assert all(obj is step for obj, _ in calls)
 
 
 def test_outputs(stage1_run):
-    cfg, workdir, summary = stage1_run
+    cfg, workdir, summary, _ = stage1_run
     recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4]
     for r in recs:
@@ -99,7 +99,7 @@ def test_outputs(stage1_run):
 
 
 def test_stage1_changes_only_the_projector(stage1_run):
-    cfg, workdir, _ = stage1_run
+    cfg, workdir, _, _ = stage1_run
     before = optim.flat(_init_params(cfg))
     after = optim.flat(checkpoint.load_params(workdir))
     assert before.keys() == after.keys()
@@ -112,12 +112,12 @@ def test_next_stage_begins_with_the_previous_params(stage1_run, tmp_path, data_r
     from ovjax import sharding
     from ovjax.train import state as state_lib
 
-    _, workdir1, _ = stage1_run
+    _, workdir1, _, _ = stage1_run
     cfg = _cfg("stage1_5", data_root, ("init.from_checkpoint", str(workdir1)))
-    loop.resolve_data(cfg, tmp_path)  # the synthetic vocabulary, as run() does
+    cfg, _ = dataset.prepare(cfg, tmp_path)  # the synthetic vocabulary, as run() does
     setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints")
-    start = loop.initial_state(cfg, setup, tmp_path, ckpt)
+    start = start_lib.initial_state(cfg, setup, None, ckpt)
     ckpt.close()
     assert start.step == 0 and int(start.state.step) == 0
     prev = optim.flat(checkpoint.load_params(workdir1))
@@ -130,15 +130,15 @@ def test_next_stage_begins_with_the_previous_params(stage1_run, tmp_path, data_r
     assert moments and all(not m.any() for m in moments)
     # a model that differs from the previous stage's is refused
     bad = _cfg("stage1_5", data_root, ("init.from_checkpoint", str(workdir1)), ("model.text.num_layers", "3"))
-    loop.resolve_data(bad, tmp_path)
-    with pytest.raises(loop.ConfigError, match="model config differs"):
-        loop.initial_state(bad, state_lib.build(bad, sharding.make_mesh(bad.mesh)), tmp_path,
-                           checkpoint.Checkpointer(tmp_path / "c2"))
+    bad, _ = dataset.prepare(bad, tmp_path)
+    with pytest.raises(config.ConfigError, match="model config differs"):
+        start_lib.initial_state(bad, state_lib.build(bad, sharding.make_mesh(bad.mesh)), None,
+                                checkpoint.Checkpointer(tmp_path / "c2"))
 
 
 def _poison(monkeypatch, at_step):
     """Make the loader's batch number `at_step` (1-based) carry NaN pixels."""
-    real = loop.make_loader
+    real = dataset.make_loader
 
     def make(cfg, data_dir, mesh):
         inner = real(cfg, data_dir, mesh)
@@ -154,7 +154,7 @@ def _poison(monkeypatch, at_step):
                 return b
         inner.__class__ = Poisoned
         return inner
-    monkeypatch.setattr(loop, "make_loader", make)
+    monkeypatch.setattr(dataset, "make_loader", make)
 
 
 def test_nonfinite_stops_naming_the_step(monkeypatch, tmp_path, data_root):
@@ -195,17 +195,17 @@ def test_start_from_an_imported_hf_checkpoint(fixture_dir, tmp_path):
     from ovjax import hf, sharding
     from ovjax.train import state as state_lib
 
-    cfg = loop.load_config("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir))])
+    cfg = config.load("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir))])
     setup = state_lib.build(cfg, sharding.make_mesh(cfg.mesh))
-    start = loop.initial_state(cfg, setup, tmp_path, checkpoint.Checkpointer(tmp_path / "c"))
+    start = start_lib.initial_state(cfg, setup, None, checkpoint.Checkpointer(tmp_path / "c"))
     assert start.step == 0 and "imported" in start.source
     ref = optim.flat(jax.device_get(hf.load(str(fixture_dir), remote_code_quirks=False).params))
     got = optim.flat(jax.device_get(start.state.params))
     assert ref.keys() == got.keys()
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-    other = loop.load_config("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir)),
-                                                         ("model.text.intermediate_size", "128")])
-    with pytest.raises(loop.ConfigError, match=r"differ in \['text.intermediate_size'\]"):
-        loop.initial_state(other, state_lib.build(other, sharding.make_mesh(other.mesh)), tmp_path,
-                           checkpoint.Checkpointer(tmp_path / "d"))
+    other = config.load("configs/stage1.py:tiny", [("init.from_hf", str(fixture_dir)),
+                                                   ("model.text.intermediate_size", "128")])
+    with pytest.raises(config.ConfigError, match=r"differ in \['text.intermediate_size'\]"):
+        start_lib.initial_state(other, state_lib.build(other, sharding.make_mesh(other.mesh)), None,
+                                checkpoint.Checkpointer(tmp_path / "d"))

@@ -1,0 +1,92 @@
+"""Where a run starts: the latest complete checkpoint in its workdir (exact resume: train state, data
+iterator state and counters); else `init.from_checkpoint` (a previous stage's workdir: params only, fresh
+optimizer); else `init.from_hf` (a hub-layout directory); else random init with `train.seed`. A source whose
+model config differs from the run's is refused, naming the fields that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from ovjax.config import ConfigError
+
+COUNTERS = ("samples_seen", "tokens_seen", "supervised_tokens_seen", "images_seen", "skipped_updates")
+
+
+@dataclasses.dataclass
+class Start:
+    state: Any               # TrainState in the run's shardings
+    step: int                # steps already done
+    counters: dict           # COUNTERS -> int
+    data_state: dict | None  # the data iterator's state to restore (None: from the beginning)
+    source: str              # one line for the startup report
+
+
+def initial_state(cfg, setup, train_step, ckpt, log=print) -> Start:
+    """The state to start from (module docstring); `train_step` (step.TrainStep) makes a random one."""
+    import jax
+
+    from ovjax import checkpoint
+    from ovjax.train import state as state_lib
+
+    zero = dict.fromkeys(COUNTERS, 0)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        target = setup.abstract_with_shardings()
+        out = ckpt.restore(latest, target.params, {"step": target.step, "opt_state": target.opt_state})
+        st = state_lib.TrainState(step=out["opt"]["step"], params=out["params"], opt_state=out["opt"]["opt_state"])
+        if int(st.step) != latest:
+            raise checkpoint.CheckpointError(f"checkpoint {latest} holds train step {int(st.step)}")
+        counters = {**zero, **out["meta"].get("counters", {})}
+        return Start(st, latest, counters, out["data"], f"resumed from {ckpt.directory / str(latest)}")
+    if cfg.init.from_checkpoint:
+        src = cfg.init.from_checkpoint
+        prev = checkpoint.read_meta(src)
+        if "config" in prev:
+            mine, theirs = _model_section(json.loads(cfg.to_json())), _model_section(json.loads(prev["config"]))
+            diff = differences(mine, theirs)
+            if diff:
+                raise ConfigError(f"init.from_checkpoint={src}: its model config differs in {diff}")
+        params = checkpoint.load_params(src, setup.abstract_with_shardings().params)
+        return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
+                     f"params of {checkpoint.checkpoint_dir(src)} (step {prev.get('step')}), fresh optimizer")
+    if cfg.init.from_hf:
+        from ovjax import hf
+
+        model = hf.load(cfg.init.from_hf, remote_code_quirks=False)
+        keys = ("vision", "text", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        mine = {k: v for k, v in json.loads(cfg.to_json())["model"].items() if k in keys}
+        theirs = {k: v for k, v in json.loads(ml_collections.ConfigDict(model.cfg).to_json()).items() if k in keys}
+        diff = differences(mine, theirs)
+        if diff:
+            raise ConfigError(f"init.from_hf={cfg.init.from_hf}: its config.json describes another model than "
+                              f"model.* of this run; they differ in {diff}")
+        params = jax.tree_util.tree_map(lambda x: jax.device_get(x), model.params)
+        return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
+                     f"imported {cfg.init.from_hf}, fresh optimizer")
+    return Start(train_step.init(int(cfg.train.seed)), 0, dict(zero), None,
+                 f"random init (train.seed={cfg.train.seed})")
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _model_section(cfg_json: dict) -> dict:
+    """The model fields a checkpoint's params depend on (numerics and memory knobs left out)."""
+    m = dict(cfg_json["model"])
+    for k in ("dtype", "param_dtype", "attention_impl", "remat"):
+        m.pop(k, None)
+    return m
