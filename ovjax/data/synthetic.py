@@ -354,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthSpec)
                  if f.name != "out" and getattr(args, f.name) is not None}
         spec = dataclasses.replace(spec, **given)
-        if spec.kind not in ("caption", "qa") or min(spec.samples, spec.seq_len, spec.max_patches, spec.max_images) < 1:
-            raise config.ConfigError(f"synth: kind must be caption|qa and sizes positive, got {spec}")
+        if spec.kind not in ("caption", "qa"):
+            raise config.ConfigError(f"--kind must be caption or qa, got {spec.kind!r}")
+        for name in ("samples", "seq_len", "max_patches", "max_images", "max_turns", "max_pixels"):
+            if getattr(spec, name) < 1:
+                raise config.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
     except config.ConfigError as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 2
