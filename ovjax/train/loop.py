@@ -73,16 +73,17 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
             if pending is not None:  # step N-1 is done by now: count it while step N runs
                 fetch(tally, writer, *pending, stop=not skip, ckpt=ckpt)
             pending = (step, m)
+            first = step == start.step + 1
             is_log, is_save = step % t.log_every == 0 or step == total, step % every == 0 or step == total
-            if first_step_s is None or is_log or is_save:
+            if first or is_log or is_save:  # wait for step N itself
                 fetch(tally, writer, *pending, stop=not skip, ckpt=ckpt)
                 pending = None
-                if first_step_s is None:
+                if first:
                     first_step_s = time.perf_counter() - t_start
                     writer.note(f"first step done {first_step_s:.1f} s after start (compile included)")
                 if is_log:
                     writer.write(tally.record(step, loader.epoch))
-                if step == start.step + 1:
+                if first:
                     tally.start_clock()  # rates count the steps after the first (compile) one
             if is_save:
                 ckpt.save(step, state, loader.get_state(),

@@ -231,8 +231,7 @@ class TrainStep:
     def put(self, batch) -> dict[str, jax.Array]:
         """A batch (host numpy, or global arrays) -> global arrays in the step's shardings (moved only where
         the sharding differs)."""
-        return {k: (batch[k] if getattr(batch[k], "sharding", None) == s
-                    else jax.device_put(np.asarray(batch[k]) if isinstance(batch[k], np.ndarray) else batch[k], s))
+        return {k: batch[k] if getattr(batch[k], "sharding", None) == s else jax.device_put(batch[k], s)
                 for k, s in self.batch_shardings.items()}
 
     def init(self, seed: int) -> TrainState:
