@@ -205,7 +205,7 @@ def test_global_arrays_on_a_mesh(packed_set):
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     with PackedLoader(packed_set, global_batch_size=8, **KW) as loader:
         ref = take(loader, 3)
-    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, batch_axes=("data", "fsdp"), **KW) as loader:
+    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, **KW) as loader:
         got = take(loader, 3)
         assert (loader.shard_index, loader.shard_count) == (0, 1)
     same(got, ref)
@@ -213,8 +213,8 @@ def test_global_arrays_on_a_mesh(packed_set):
         assert isinstance(v, jax.Array) and v.shape[0] == 8
         assert v.sharding.spec[0] == ("data", "fsdp"), k
     assert got[0]["patches"].dtype == np.float32 and got[0]["loss_mask"].dtype == bool
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    with PackedLoader(packed_set, global_batch_size=8, sharding=sharding, **KW) as loader:
+    shardings = {k: NamedSharding(mesh, PartitionSpec("data", *[None] * (v.ndim - 1))) for k, v in ref[0].items()}
+    with PackedLoader(packed_set, global_batch_size=8, shardings=shardings, **KW) as loader:
         same(take(loader, 1), ref[:1])
 
 
