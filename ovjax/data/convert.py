@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ovjax.data import chat, images, schema
+from ovjax.data import chat, images, io, schema
 from ovjax.data.images import Rejected
 
 # Reasons raised here (images.REJECT_REASONS and chat.REJECT_REASONS add theirs).
@@ -326,8 +326,8 @@ def _init_worker(params: Params) -> None:
     _WORKER = Worker(params)
 
 
-def _process_batch(batch: list[SourceSample]) -> list:
-    return [_WORKER.process(s) for s in batch]
+def _process_pair(batch: list[SourceSample]) -> list:
+    return [(s, _WORKER.process(s)) for s in batch]
 
 
 def _batched(it, n):
@@ -343,83 +343,14 @@ def _batched(it, n):
 
 def process_ordered(samples: Iterator[SourceSample], params: Params, workers: int, batch_size: int = 16):
     """(sample, result) in input order; bounded memory (a few batches per worker in flight)."""
-    if workers <= 1:
-        worker = Worker(params)
-        for s in samples:
-            yield s, worker.process(s)
-        return
-    import multiprocessing as mp
+    batches = io.ordered_map(_process_pair, _batched(samples, batch_size), workers, initializer=_init_worker,
+                             initargs=(params,))
+    try:
+        for pairs in batches:
+            yield from pairs
+    finally:
+        batches.close()  # stops the worker pool if the caller left early
 
-    ctx = mp.get_context("spawn")  # fork would copy threads of jax/tokenizers in the parent
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(params,)) as pool:
-        pending = collections.deque()
-        for batch in _batched(samples, batch_size):
-            pending.append((batch, pool.apply_async(_process_batch, (batch,))))
-            if len(pending) >= 4 * workers:
-                b, r = pending.popleft()
-                yield from zip(b, r.get())
-        while pending:
-            b, r = pending.popleft()
-            yield from zip(b, r.get())
-
-
-# ----------------------------------------------------------------------------------------------- output
-
-class ShardWriter:
-    """Writes records to `<prefix>-NNNNN-of-MMMMM.array_record` files of `records_per_shard` records."""
-
-    def __init__(self, out_dir: Path, prefix: str, records_per_shard: int):
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, records_per_shard
-        self.tmp_files: list[tuple[Path, int]] = []
-        self._writer = None
-        self._count = 0
-
-    def write(self, data: bytes) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self._writer is None:
-            path = self.out_dir / f".{self.prefix}-{len(self.tmp_files):05d}.partial"
-            self._writer = ArrayRecordWriter(str(path), "group_size:1")
-            self.tmp_files.append((path, 0))
-        self._writer.write(data)
-        self._count += 1
-        if self._count == self.per_shard:
-            self._close_current()
-
-    def _close_current(self):
-        if self._writer is not None:
-            self._writer.close()
-            path, _ = self.tmp_files[-1]
-            self.tmp_files[-1] = (path, self._count)
-            self._writer, self._count = None, 0
-
-    def finish(self) -> list[dict]:
-        """Closes and renames the shards; returns [{"file", "records", "sha256"}]."""
-        self._close_current()
-        n = len(self.tmp_files)
-        shards = []
-        for i, (tmp, count) in enumerate(self.tmp_files):
-            final = self.out_dir / f"{self.prefix}-{i:05d}-of-{n:05d}.array_record"
-            os.replace(tmp, final)
-            shards.append({"file": final.name, "records": count, "sha256": _sha256(final)})
-        return shards
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------- run
 
 def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_globs=(), wds_globs=(),
             id_column="id", image_column="image", caption_column="caption", prefix="raw",
@@ -428,8 +359,7 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     """Runs the conversion; returns the manifest. Raises ConvertError (manifest written) on abort."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists() or list(out.glob(f"{prefix}-*.array_record")):
-        raise ConvertError(f"{out} already holds a manifest or {prefix}-*.array_record shards; use a new folder")
+    io.refuse_existing(out, prefix, ConvertError)
     if json_files and not image_root:
         raise ConvertError("--json needs --image-root")
     if not (json_files or parquet_globs or wds_globs):
@@ -442,7 +372,7 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
         if not os.path.isfile(jf):
             raise ConvertError(f"no JSON file {jf}")
         inputs.append({"format": "llava_json", "path": str(jf), "image_root": str(image_root),
-                       "sha256": _sha256(jf)})
+                       "sha256": io.sha256_file(jf)})
         sources.append(lambda jf=jf: iter_llava_json(str(jf), str(image_root)))
     ignored = collections.Counter()
     for fmt, globs in (("parquet", parquet_globs), ("webdataset", wds_globs)):
@@ -468,7 +398,7 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     manifest = {
         "format": MANIFEST_FORMAT, "schema_version": schema.RAW_VERSION, "status": "running",
         "inputs": inputs,
-        "parameters": {**asdict(params), "tokenizer_sha256": _sha256(tok_json) if tok_json.exists() else None,
+        "parameters": {**asdict(params), "tokenizer_sha256": io.sha256_file(tok_json) if tok_json.exists() else None,
                        "prefix": prefix, "records_per_shard": records_per_shard,
                        "max_reject_fraction": max_reject_fraction, "abort_min_samples": abort_min_samples,
                        "id_column": id_column, "image_column": image_column, "caption_column": caption_column},
@@ -477,14 +407,13 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     }
     counts = {"seen": 0, "written": 0, "rejected": 0, "tokens": 0, "supervised_tokens": 0, "images": 0,
               "patches": 0}
-    by_reason = collections.Counter()
     seen_ids: set[bytes] = set()
-    writer = ShardWriter(out, prefix, records_per_shard)
+    writer = io.ShardWriter(out, prefix, records_per_shard)
     abort_msg = None
-    rejects_path = out / "rejects.jsonl"
+    rejects = io.RejectLog(out / io.REJECTS_FILE)
     results = process_ordered(all_samples(), params, workers)
     try:
-        with open(rejects_path, "w", encoding="utf-8") as rej_file:
+        with rejects:
             for s, result in results:
                 counts["seen"] += 1
                 id_hash = hashlib.blake2b(s.sample_id.encode("utf-8"), digest_size=12).digest()
@@ -499,18 +428,16 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
                 else:
                     _, reason, detail = result
                     counts["rejected"] += 1
-                    by_reason[reason] += 1
-                    rej_file.write(json.dumps({"id": s.sample_id, "reason": reason, "detail": detail,
-                                               "meta": s.meta}, sort_keys=True) + "\n")
+                    rejects.add(reason, id=s.sample_id, detail=detail, meta=s.meta)
                 if log_every and counts["seen"] % log_every == 0:
                     print(f"convert: {counts['seen']} seen, {counts['written']} written, {counts['rejected']} "
-                          f"rejected {dict(by_reason)}", file=sys.stderr, flush=True)
+                          f"rejected {rejects.by_reason()}", file=sys.stderr, flush=True)
                 if (counts["seen"] >= abort_min_samples
                         and counts["rejected"] > max_reject_fraction * counts["seen"]):
-                    abort_msg = _abort_message(counts, by_reason, max_reject_fraction)
+                    abort_msg = _abort_message(counts, rejects.by_reason(), max_reject_fraction)
                     break
         if abort_msg is None and counts["seen"] and counts["rejected"] > max_reject_fraction * counts["seen"]:
-            abort_msg = _abort_message(counts, by_reason, max_reject_fraction)
+            abort_msg = _abort_message(counts, rejects.by_reason(), max_reject_fraction)
         if abort_msg is None and counts["seen"] == 0:
             abort_msg = "the inputs hold no samples"
     except ConvertError as e:
@@ -519,13 +446,13 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
         results.close()  # stops the worker pool if we left early
         manifest["shards"] = writer.finish()
         manifest["counts"] = counts
-        manifest["rejected_by_reason"] = dict(sorted(by_reason.items()))
+        manifest["rejected_by_reason"] = rejects.by_reason()
         manifest["ignored_tar_members"] = dict(sorted(ignored.items()))
-        manifest["rejects_file"] = rejects_path.name
+        manifest["rejects_file"] = io.REJECTS_FILE
         manifest["status"] = "aborted" if abort_msg else "complete"
         if abort_msg:
             manifest["abort_reason"] = abort_msg
-        _write_json(out / "manifest.json", manifest)
+        io.write_json(out / io.MANIFEST, manifest)
     if abort_msg:
         raise ConvertError(abort_msg)
     return manifest
