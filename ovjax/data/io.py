@@ -48,6 +48,18 @@ def refuse_existing(out_dir: str | os.PathLike, prefix: str, error: type[Excepti
         raise error(f"{out} already holds a {MANIFEST} or {prefix}-*.array_record shards; choose a new output folder")
 
 
+def read_complete_manifest(raw_dir: str | os.PathLike, error: type[Exception] = ValueError) -> tuple[dict, str]:
+    """(manifest, its path) of a dataset folder; raises `error` unless the manifest exists with status complete."""
+    path = os.path.join(raw_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise error(f"{raw_dir} has no {MANIFEST} (not a converted raw directory)")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("status", "complete") != "complete":
+        raise error(f"{path} has status {meta.get('status')!r} (conversion did not complete)")
+    return meta, path
+
+
 def num_records(path: str) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
 

@@ -153,13 +153,7 @@ def resolve_inputs(spec: str) -> Inputs:
         return Inputs(spec, paths, [io.num_records(p) for p in paths], refs, selection=spec)
     manifest = None
     if os.path.isdir(spec):
-        manifest = os.path.join(spec, io.MANIFEST)
-        if not os.path.exists(manifest):
-            raise PackError(f"{spec} is a directory without manifest.json; pass a glob of shards instead")
-        with open(manifest, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("status", "complete") != "complete":
-            raise PackError(f"{manifest} has status {meta.get('status')!r} (conversion did not complete)")
+        meta, manifest = io.read_complete_manifest(spec, PackError)
         if not meta.get("shards"):
             raise PackError(f"{manifest} lists no shards")
         paths = []

@@ -44,13 +44,7 @@ class Selection:
 
 
 def _read_raw_manifest(raw_dir: str) -> tuple[dict, str]:
-    path = os.path.join(raw_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise SelectionError(f"{raw_dir} has no manifest.json (not a converted raw directory)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("status", "complete") != "complete":
-        raise SelectionError(f"{path} has status {meta.get('status')!r} (conversion did not complete)")
+    meta, path = io.read_complete_manifest(raw_dir, SelectionError)
     return meta, io.sha256_file(path)
 
 
