@@ -15,10 +15,9 @@ one global stream of packed rows; this process takes rows `shard_index::shard_co
 to_iter_dataset -> mp_prefetch(worker_count). Global batch k is always rows [k*B, (k+1)*B) of the global
 stream, whatever the worker count or process count, so the iterator state is just k (plus checks).
 
-The batch (B = global batch, T = seq_len, P = max_patches), text-only rows included:
-    tokens int32 [B,T], targets int32 [B,T], loss_mask bool [B,T], segment_ids int32 [B,T],
-    positions int32 [B,T], patches float32 [B,P,588], patch_segment int32 [B,P], patch_hw int32 [B,P,2].
-Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device) and are normalised
+The batch is `ovjax.data.batch`'s contract (B = global batch, T = seq_len, P = max_patches; rows written by
+its RowWriter), text-only rows included; on a mesh every field arrives in `sharding.batch_shardings`, the
+step's input sharding. Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device) and are normalised
 on the device by a lookup table built with `images.normalize_uint8`, so the values equal
 `images.preprocess(..., dtype=float32)` bit for bit; padding patches are 0.
 """

@@ -218,6 +218,30 @@ def test_global_arrays_on_a_mesh(packed_set):
         same(take(loader, 1), ref[:1])
 
 
+def test_batches_arrive_in_the_steps_input_sharding(packed_set):
+    """With a mesh the loader shards every field as sharding.batch_shardings does for the step (tokens also
+    over `sequence`), so the loop never re-shards a batch."""
+    from ovjax import sharding as sharding_lib
+    from ovjax.data import batch as batch_lib
+
+    mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2}, jax.devices()[:8])
+    with PackedLoader(packed_set, global_batch_size=8, **KW) as loader:
+        ref = take(loader, 2)
+    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, micro_batches=2, **KW) as loader:
+        got = take(loader, 2)
+    want = sharding_lib.batch_shardings(batch_lib.struct(_tiny(), 8, KW["seq_len"], KW["max_patches"]), mesh, 2)
+    same(got, ref)
+    for k, v in got[0].items():
+        assert v.sharding == want[k], (k, v.sharding, want[k])
+    assert got[0]["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"), "sequence")
+
+
+def _tiny():
+    from ovjax.configs.models import preset
+
+    return preset("tiny")
+
+
 class _FakeSharding:
     """What process_rows reads of a sharding: the rows each addressable device holds."""
 
