@@ -8,20 +8,20 @@ import math
 import numpy as np
 import pytest
 
-from ovjax.data import plan
+from ovjax.data import plan as planner
 from tests.data.test_pack import BUDGETS
 
 
 def test_plan_hand_case_is_exact():
     # 8+8 / 4+4+4+4 / 2*8: the lower bound (3 bins of 16) is reachable and best fit reaches it.
     lengths = [8, 4, 2, 2, 4, 8, 2, 2, 4, 2, 2, 4, 2, 2]
-    plan = plan.plan_bins(lengths, budgets=plan.Budgets(16), seed=3)
+    plan = planner.plan_bins(lengths, budgets=planner.Budgets(16), seed=3)
     assert plan.num_bins == 3
     assert sorted(sum(lengths[i] for i in b) for b in plan.bins()) == [16, 16, 16]
     assert sorted(i for b in plan.bins() for i in b) == list(range(len(lengths)))
 
 
-def _check_independently(plan, tok, pat, img, b: plan.Budgets):
+def _check_independently(plan, tok, pat, img, b: planner.Budgets):
     seen = collections.Counter(int(i) for bin_ in plan.bins() for i in bin_)
     assert seen == collections.Counter(range(len(tok)))
     for bin_ in plan.bins():
@@ -32,10 +32,10 @@ def _check_independently(plan, tok, pat, img, b: plan.Budgets):
 
 
 @pytest.mark.parametrize("budgets", [
-    plan.Budgets(512),
-    plan.Budgets(512, max_patches=1024, max_segments=16, max_images=8),
-    plan.Budgets(512, max_patches=300, max_segments=6, max_images=2),   # patches and images bind
-    plan.Budgets(512, max_patches=2048, max_segments=3, max_images=64),  # segments bind
+    planner.Budgets(512),
+    planner.Budgets(512, max_patches=1024, max_segments=16, max_images=8),
+    planner.Budgets(512, max_patches=300, max_segments=6, max_images=2),   # patches and images bind
+    planner.Budgets(512, max_patches=2048, max_segments=3, max_images=64),  # segments bind
 ])
 def test_plan_respects_budgets_and_is_near_the_lower_bound(budgets):
     rng = np.random.default_rng(0)
@@ -43,15 +43,15 @@ def test_plan_respects_budgets_and_is_near_the_lower_bound(budgets):
     img = rng.integers(0, 3, n)
     pat = img * rng.integers(4, 60, n) * 4
     tok = (pat // 4 + 2 * img + rng.lognormal(3.5, 0.8, n).astype(int) + 1).clip(1, 512)
-    keep = plan.reject_reasons(tok, pat, img, budgets) == None  # noqa: E711
+    keep = planner.reject_reasons(tok, pat, img, budgets) == None  # noqa: E711
     tok, pat, img = tok[keep], pat[keep], img[keep]
-    plan = plan.plan_bins(tok, pat, img, budgets=budgets, seed=1)
+    plan = planner.plan_bins(tok, pat, img, budgets=budgets, seed=1)
     _check_independently(plan, tok.tolist(), pat.tolist(), img.tolist(), budgets)
     lb = max(math.ceil(tok.sum() / 512), math.ceil(pat.sum() / (budgets.max_patches or 1 << 40)),
              math.ceil(len(tok) / (budgets.max_segments or 1 << 40)),
              math.ceil(img.sum() / (budgets.max_images or 1 << 40)))
     assert plan.num_bins <= 1.06 * lb, (plan.num_bins, lb, plan.strategy)
-    again = plan.plan_bins(tok, pat, img, budgets=budgets, seed=1)
+    again = planner.plan_bins(tok, pat, img, budgets=budgets, seed=1)
     assert np.array_equal(again.items, plan.items) and np.array_equal(again.offsets, plan.offsets)
 
 
@@ -59,13 +59,13 @@ def test_plan_fill_on_a_realistic_token_mix():
     rng = np.random.default_rng(5)
     n = 30000
     tok = (rng.lognormal(6.5, 0.7, n).astype(int) + rng.lognormal(4.5, 0.7, n).astype(int) + 20).clip(1, 8192)
-    plan = plan.plan_bins(tok, budgets=plan.Budgets(8192), seed=0)
+    plan = planner.plan_bins(tok, budgets=planner.Budgets(8192), seed=0)
     assert plan.num_bins <= math.ceil(tok.sum() / 8192) * 1.005
 
 
 def test_reject_reasons_first_failing_budget():
-    r = plan.reject_reasons([0, 65, 10, 10, 64, 70], [0, 0, 49, 0, 48, 49], [0, 0, 1, 4, 3, 4], BUDGETS)
+    r = planner.reject_reasons([0, 65, 10, 10, 64, 70], [0, 0, 49, 0, 48, 49], [0, 0, 1, 4, 3, 4], BUDGETS)
     assert r.tolist() == ["empty", "too_many_tokens", "too_many_patches", "too_many_images", None,
                           "too_many_tokens"]
-    with pytest.raises(plan.PackError, match="does not fit"):
-        plan.plan_bins([65], budgets=BUDGETS)
+    with pytest.raises(planner.PackError, match="does not fit"):
+        planner.plan_bins([65], budgets=BUDGETS)
