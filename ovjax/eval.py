@@ -102,7 +102,8 @@ def build_rows(items: list[dict], candidates: dict[str, tuple[str, ...]], templa
             rows.append(writer.row())
             index.append((i, c))
     if not rows:
-        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_lib.shapes(0, seq_len, max_patches).items()}, index
+        empty = batch_lib.shapes(0, seq_len, max_patches)
+        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in empty.items()}, index
     return batch_lib.stack_rows(rows), index
 
 

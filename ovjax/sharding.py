@@ -279,6 +279,12 @@ def batch_shardings(batch, mesh: Mesh, micro_batches: int = 1):
     return out
 
 
+def micro_batch_shardings(shardings: dict) -> dict:
+    """Batch shardings [B, ...] -> those of the micro-batch view [M, B/M, ...] (`step.split_micro`): the new
+    leading micro-batch axis unsharded, every row of a micro-batch where it was."""
+    return {k: NamedSharding(s.mesh, P(None, *s.spec)) for k, s in shardings.items()}
+
+
 def check_divisible(tree, shardings) -> None:
     """Raise ShardingError (which array, which dim, which axes) if a sharding does not divide its array."""
     for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree_util.tree_leaves(shardings)):

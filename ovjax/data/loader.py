@@ -17,8 +17,8 @@ stream, whatever the worker count or process count, so the iterator state is jus
 
 The batch is `ovjax.data.batch`'s contract (B = global batch, T = seq_len, P = max_patches; rows written by
 its RowWriter), text-only rows included; on a mesh every field arrives in `sharding.batch_shardings`, the
-step's input sharding. Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device) and are normalised
-on the device by a lookup table built with `images.normalize_uint8`, so the values equal
+step's input sharding. Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device)
+and are normalised on the device by a lookup table built with `images.normalize_uint8`, so the values equal
 `images.preprocess(..., dtype=float32)` bit for bit; padding patches are 0.
 """
 

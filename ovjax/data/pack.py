@@ -115,7 +115,8 @@ def plan_only(lengths_path: str, out_path: str, budgets: Budgets, *, seed: int =
         "budgets": budgets.as_dict(), "seed": seed, "lines_bad": len(bad),
         "bad_lines": [{"line": ln, "text": t, "why": w} for ln, t, w in bad],
         "samples_in": len(names), "samples_packed": len(keep), "samples_rejected": len(rejected),
-        "rejected_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejected).items())), "rejected": rejected,
+        "rejected_by_reason": dict(sorted(collections.Counter(r["reason"] for r in rejected).items())),
+        "rejected": rejected,
         "plan_seconds": seconds, "stats": plan_stats(plan, lengths[keep], None, None, budgets),
     }
     with open(out_path + ".manifest.json", "w", encoding="utf-8") as f:

@@ -82,3 +82,14 @@ def test_batch_shardings_come_from_the_logical_axes():
         sharding.batch_shardings({"pixels": np.zeros((8, 4))}, m)
     with pytest.raises(sharding.ShardingError, match=r"batch\['tokens'\] has shape \(8,\)"):
         sharding.batch_shardings({"tokens": np.zeros((8,))}, m)
+
+
+def test_micro_batch_shardings_prepend_an_unsharded_axis():
+    m = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2}, jax.devices()[:8])
+    s = sharding.micro_batch_shardings(sharding.batch_shardings(batch.struct(preset("tiny"), 8, 16, 12), m, 2))
+    assert s["tokens"].spec == P(None, ("data", "fsdp"), "sequence")
+    assert s["patches"].spec == P(None, ("data", "fsdp"), None, None)
+    # what ovjax/train/step.py builds for its micro-batches by hand today
+    for k in batch.BATCH_KEYS:
+        nd = len(batch.FIELD[k].dims)
+        assert s[k].spec == P(None, *sharding.batch_spec(nd, k in batch.TOKEN_KEYS)), k
