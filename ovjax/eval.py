@@ -24,30 +24,12 @@ from typing import Any, Callable
 import numpy as np
 
 
-def _forward_logprobs(module, tokens, positions, segment_ids, patches, patch_segment, patch_hw, targets, *,
-                      num_images: int, zero_images: bool):
-    """-> log p(targets) [B, T] (float32)."""
-    import jax
-    import jax.numpy as jnp
-
-    from ovjax.models.vlm import scatter_image_features
-
-    x = module.language_model.embed(tokens)
-    feats = module.image_features(patches, patch_segment, patch_hw, num_images)
-    if zero_images:
-        feats = jnp.zeros_like(feats)
-    x = scatter_image_features(x, tokens, feats, module.cfg.image_token_id)
-    hidden, _ = module.language_model(x, positions, segment_ids, None)
-    logits = module.logits(hidden)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-
 class Scorer:
     """Scores rows with one jitted forward of fixed shape [batch, seq_len] / [batch, max_patches]."""
 
     def __init__(self, model_cfg, params, *, batch: int, seq_len: int, max_patches: int, mesh=None):
         import jax
+        import jax.numpy as jnp
 
         from ovjax.models import vlm
 
@@ -58,9 +40,12 @@ class Scorer:
         self.mesh = mesh
 
         def run(p, b, zero_images):
-            return model.apply({"params": p}, b["tokens"], b["positions"], b["segment_ids"], b["patches"],
-                               b["patch_segment"], b["patch_hw"], b["targets"], num_images=1,
-                               zero_images=zero_images, method=_forward_logprobs)
+            """-> log p(targets) [B, T] (float32)."""
+            hidden, _ = model.apply({"params": p}, b["tokens"], b["positions"], b["segment_ids"], b["patches"],
+                                    b["patch_segment"], b["patch_hw"], num_images=1, zero_images=zero_images)
+            logits = model.apply({"params": p}, hidden, method=vlm.VLM.logits)
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            return jnp.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
         self._run = jax.jit(run, static_argnums=(2,))
 
     def logprobs(self, rows: dict[str, np.ndarray], zero_images: bool) -> np.ndarray:
@@ -93,21 +78,14 @@ def build_rows(items: list[dict], candidates: dict[str, tuple[str, ...]], templa
     """Rows of every (item, candidate) -> (batch arrays [N, ...], [(item index, candidate index)]).
 
     The `targets`/`loss_mask` of a row mark the candidate's tokens and its <|im_end|>."""
+    from ovjax.data import batch as batch_lib
     from ovjax.data import images
 
     ids = template.ids
     tok = template.tokenizer
-    n = sum(len(candidates[it["type"]]) for it in items)
-    pix = 3 * images.PATCH_SIZE ** 2
-    rows = {k: np.zeros((n, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    rows["loss_mask"] = np.zeros((n, seq_len), bool)
-    rows["patches"] = np.zeros((n, max_patches, pix), np.float32)
-    rows["patch_segment"] = np.zeros((n, max_patches), np.int32)
-    rows["patch_hw"] = np.zeros((n, max_patches, 2), np.int32)
-    index = []
     answer_ids = {a: list(tok.encode(a, add_special_tokens=False)) + [ids["im_end"]]
                   for cands in candidates.values() for a in cands}
-    r = 0
+    rows, index = [], []
     for i, it in enumerate(items):
         patches, grid = images.preprocess(image_fn(it), **(image_kw or {}))
         if len(patches) > max_patches:
@@ -118,18 +96,15 @@ def build_rows(items: list[dict], candidates: dict[str, tuple[str, ...]], templa
             seq = list(prompt) + answer_ids[a]
             if len(seq) > seq_len:
                 raise ValueError(f"item {i}: {len(seq)} tokens > seq_len {seq_len}")
-            L = len(seq)
-            rows["tokens"][r, :L] = seq
-            rows["targets"][r, :L - 1] = seq[1:]
-            rows["loss_mask"][r, len(prompt) - 1:L - 1] = True
-            rows["segment_ids"][r, :L] = 1
-            rows["positions"][r, :L] = np.arange(L)
-            rows["patches"][r, :len(patches)] = patches
-            rows["patch_segment"][r, :len(patches)] = 1
-            rows["patch_hw"][r, :len(patches)] = images.patch_positions(grid)
+            writer = batch_lib.RowWriter(seq_len, max_patches)
+            writer.add_sample(seq, np.arange(len(seq)) >= len(prompt))  # the answer and its <|im_end|>
+            writer.add_image(patches, grid)
+            rows.append(writer.row())
             index.append((i, c))
-            r += 1
-    return rows, index
+    if not rows:
+        empty = batch_lib.shapes(0, seq_len, max_patches)
+        return {k: np.zeros(shape, dtype) for k, (shape, dtype) in empty.items()}, index
+    return batch_lib.stack_rows(rows), index
 
 
 def score(scorer: Scorer, items: list[dict], candidates: dict[str, tuple[str, ...]], template, *,

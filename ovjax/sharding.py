@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ovjax.data import batch as batch_contract
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
 WEIGHT_AXES = ("fsdp", "sequence")  # the axes parameters are FSDP-sharded over
@@ -223,38 +225,55 @@ def match_shardings(tree, params, shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_spec(ndim: int, sequence_dim: bool) -> P:
-    """[B, ...] -> batch over (data, fsdp); for [B, T] token arrays also T over `sequence`."""
-    rest = [None] * (ndim - 1)
-    if sequence_dim and ndim >= 2:
-        rest[0] = "sequence"
-    return P(BATCH_AXES, *rest)
-
-
-TOKEN_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+def logical_spec(logical: Sequence[str | None], mesh: Mesh | None = None) -> P:
+    """Logical axis names -> PartitionSpec by each name's first rule, with no divisibility fallback (for
+    batches, whose shapes are checked by `batch_shardings` instead). Mesh axes that `mesh` lacks are dropped."""
+    table = dict(flax_rules())
+    out = []
+    for name in logical:
+        axes = table.get(name) if name is not None else None
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.axis_names)
+        out.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return P(*out)
 
 
 def batch_shardings(batch, mesh: Mesh, micro_batches: int = 1):
-    """Shardings for a packed batch dict (design.md); raises ShardingError naming the array and the axes when
-    the rows of a micro-batch do not divide data x fsdp or seq_len does not divide `sequence`."""
-    n_batch = axis_size(mesh, BATCH_AXES)
+    """Shardings of a packed batch dict (fields of ovjax/data/batch.py, from their logical axes); raises
+    ShardingError naming the array and the axes when the rows of a micro-batch do not divide the batch mesh
+    axes or a sharded dimension does not divide its axes (seq_len over `sequence`)."""
     out = {}
     for key, x in batch.items():
         shape = tuple(x.shape)
-        if not shape:
-            raise ShardingError(f"batch[{key!r}] is a scalar; every batch array has a leading batch dim")
+        field = batch_contract.FIELD.get(key)
+        if field is None:
+            raise ShardingError(f"batch[{key!r}] is not a field of the packed batch {batch_contract.BATCH_KEYS}")
+        if len(shape) != len(field.dims):
+            raise ShardingError(f"batch[{key!r}] has shape {shape}, the contract says {field.dims}")
         if shape[0] % micro_batches:
             raise ShardingError(f"batch[{key!r}] has {shape[0]} rows, not divisible by micro_batches={micro_batches}")
-        rows = shape[0] // micro_batches
+        spec = logical_spec(field.logical, mesh)
+        rows, n_batch = shape[0] // micro_batches, axis_size(mesh, spec[0])
         if rows % n_batch:
+            sizes = " x ".join(str(mesh.shape[a]) for a in ((spec[0],) if isinstance(spec[0], str) else spec[0]))
+            names = " x ".join((spec[0],) if isinstance(spec[0], str) else spec[0])
             raise ShardingError(f"batch[{key!r}]: {rows} rows per micro-batch do not divide the batch mesh axes "
-                                f"(data x fsdp) = {mesh.shape['data']} x {mesh.shape['fsdp']} = {n_batch}")
-        seq = key in TOKEN_KEYS
-        if seq and len(shape) > 1 and shape[1] % mesh.shape["sequence"]:
-            raise ShardingError(f"batch[{key!r}]: seq_len {shape[1]} does not divide mesh axis sequence="
-                                f"{mesh.shape['sequence']}")
-        out[key] = NamedSharding(mesh, batch_spec(len(shape), seq))
+                                f"({names}) = {sizes} = {n_batch}")
+        for dim in range(1, len(shape)):
+            n = axis_size(mesh, spec[dim])
+            if shape[dim] % n:
+                what = "seq_len" if field.dims[dim] == "T" else f"dim {dim}"
+                raise ShardingError(f"batch[{key!r}]: {what} {shape[dim]} does not divide mesh axis "
+                                    f"{spec[dim]}={n}")
+        out[key] = NamedSharding(mesh, spec)
     return out
+
+
+def micro_batch_shardings(shardings: dict) -> dict:
+    """Batch shardings [B, ...] -> those of the micro-batch view [M, B/M, ...] (`step.split_micro`): the new
+    leading micro-batch axis unsharded, every row of a micro-batch where it was."""
+    return {k: NamedSharding(s.mesh, P(None, *s.spec)) for k, s in shardings.items()}
 
 
 def check_divisible(tree, shardings) -> None:
@@ -269,11 +288,6 @@ def check_divisible(tree, shardings) -> None:
 
 
 # ----------------------------------------------------------------------------- init and accounting
-
-def sharded_init(init_fn, shardings, *args, compiler_options=None):
-    """Run `init_fn(*args)` under jit so every array is created directly in its sharding (no host copy)."""
-    return jax.jit(init_fn, out_shardings=shardings, compiler_options=compiler_options)(*args)
-
 
 def shard_bytes(x, sharding) -> int:
     """Bytes one device holds of array (or ShapeDtypeStruct) x under `sharding`."""

@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import hashlib
-import json
 import os
-import re
 import sys
-import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from ovjax.data import chat, images, schema
+from ovjax.data import chat, images, io, schema
+from ovjax.data.sources import (ConvertError, ImageRef, SourceSample, glob_files, iter_llava_json,
+                                iter_parquet, iter_wds, unsafe_member_name)
 from ovjax.data.images import Rejected
 
 # Reasons raised here (images.REJECT_REASONS and chat.REJECT_REASONS add theirs).
@@ -50,197 +48,11 @@ CONVERT_REASONS = (
 )
 REJECT_REASONS = tuple(images.REJECT_REASONS) + tuple(chat.REJECT_REASONS) + CONVERT_REASONS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST_FORMAT = "ovjax-raw"
 
 
 class ConvertRejected(Rejected):
     reasons = CONVERT_REASONS
-
-
-class ConvertError(RuntimeError):
-    """The run cannot go on (bad arguments, unreadable input file, reject threshold)."""
-
-
-@dataclass
-class ImageRef:
-    """An image as bytes (parquet, tar) or as a path under an image root (JSON)."""
-
-    data: bytes | None = None
-    root: str | None = None
-    path: object = None
-
-
-@dataclass
-class SourceSample:
-    sample_id: str
-    conversation: object = None
-    images: list[ImageRef] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
-    error: tuple[str, str] | None = None      # (reason, detail) found while reading the source
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-
-def _glob_files(pattern: str) -> tuple[list[str], str]:
-    """Sorted files of a glob ('**' recursive) and the glob's fixed leading folder (for relative names)."""
-    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not files:
-        raise ConvertError(f"no files match {pattern!r}")
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        fixed.append(part)
-    base = str(Path(*fixed)) if fixed else "."
-    if len(fixed) == len(parts):
-        base = str(Path(pattern).parent)
-    return files, base
-
-
-def _caption_conversation(caption, prompt: str) -> list[dict]:
-    user = chat.IMAGE_PLACEHOLDER + ("\n" + prompt if prompt else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": caption}]
-
-
-def iter_llava_json(path: str, image_root: str) -> Iterator[SourceSample]:
-    """Samples of a LLaVA-style JSON list (or JSONL) file."""
-    name = os.path.basename(path)
-    try:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                entries = [json.loads(line) for line in f if line.strip()]
-        else:
-            with open(path, encoding="utf-8") as f:
-                entries = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"cannot read {path}: {e}") from e
-    if not isinstance(entries, list):
-        raise ConvertError(f"{path}: expected a JSON list of samples, got {type(entries).__name__}")
-    for i, entry in enumerate(entries):
-        meta = {"source": name, "index": str(i)}
-        if not isinstance(entry, dict):
-            yield SourceSample(f"{name}:{i}", meta=meta, error=("malformed_record", f"entry {i} is not a map"))
-            continue
-        sid = f"{name}:{entry.get('id', i)}"
-        conv = entry.get("conversations", entry.get("messages"))
-        if conv is None:
-            yield SourceSample(sid, meta=meta, error=("malformed_record", "no 'conversations'"))
-            continue
-        img = entry.get("image", entry.get("images"))
-        paths = [] if img is None else (img if isinstance(img, list) else [img])
-        yield SourceSample(sid, conv, [ImageRef(root=image_root, path=p) for p in paths], meta)
-
-
-def iter_parquet(path: str, base: str, *, id_column: str, image_column: str, caption_column: str,
-                 prompt: str) -> Iterator[SourceSample]:
-    """Caption samples of one parquet file (one row -> one sample)."""
-    import pyarrow.parquet as pq
-
-    rel = os.path.relpath(path, base)
-    try:
-        pf = pq.ParquetFile(path)
-        names = set(pf.schema_arrow.names)
-        missing = [c for c in (image_column, caption_column) if c not in names]
-        if missing:
-            raise ConvertError(f"{path}: no column(s) {missing}; columns are {sorted(names)}")
-        cols = [c for c in (id_column, image_column, caption_column) if c in names]
-        row = 0
-        for batch in pf.iter_batches(batch_size=64, columns=cols):
-            for rec in batch.to_pylist():
-                meta = {"source": rel, "row": str(row)}
-                rid = rec.get(id_column)
-                sid = f"{rel}:{rid if rid is not None else row}"
-                row += 1
-                img = rec[image_column]
-                data = img.get("bytes") if isinstance(img, dict) else img
-                caption = rec[caption_column]
-                if not isinstance(data, (bytes, bytearray)):
-                    where = f" (only a path {img.get('path')!r})" if isinstance(img, dict) and img.get("path") else ""
-                    yield SourceSample(sid, meta=meta, error=("missing_image", f"row {row - 1} has no image bytes"
-                                                                               f"{where}"))
-                    continue
-                if not isinstance(caption, str):
-                    yield SourceSample(sid, meta=meta, error=("malformed_record", f"caption is {caption!r:.40}"))
-                    continue
-                yield SourceSample(sid, _caption_conversation(caption, prompt), [ImageRef(data=bytes(data))], meta)
-    except ConvertError:
-        raise
-    except Exception as e:  # pyarrow raises many types for corrupt files
-        raise ConvertError(f"cannot read parquet {path}: {type(e).__name__}: {e}") from e
-
-
-def _unsafe_member_name(name: str) -> bool:
-    p = PurePosixPath(name.replace("\\", "/"))
-    return bool(name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts
-                or re.match(r"^[A-Za-z]:", name))
-
-
-def _natural_key(ext: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", ext)]
-
-
-def iter_wds(path: str, base: str, *, prompt: str, ignored: collections.Counter) -> Iterator[SourceSample]:
-    """Samples of one webdataset tar: consecutive members sharing a key form a sample."""
-    rel = os.path.relpath(path, base)
-
-    def build(key: str, parts: dict, error) -> SourceSample:
-        meta = {"source": rel, "key": key}
-        sid = f"{rel}:{key}"
-        if error:
-            return SourceSample(sid, meta=meta, error=error)
-        if "json" not in parts:
-            return SourceSample(sid, meta=meta, error=("missing_json", f"no {key}.json in the tar"))
-        try:
-            doc = json.loads(parts.pop("json").decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json: {e}"))
-        if not isinstance(doc, dict):
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json is not a map"))
-        refs = [ImageRef(data=parts[ext]) for ext in sorted(parts, key=_natural_key)]
-        conv = doc.get("conversations", doc.get("messages"))
-        if conv is None and "caption" in doc:
-            if not isinstance(doc["caption"], str):
-                return SourceSample(sid, meta=meta, error=("malformed_record", "caption is not a string"))
-            conv = _caption_conversation(doc["caption"], prompt)
-        if conv is None:
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json has no conversations, "
-                                                                           "messages or caption"))
-        return SourceSample(sid, conv, refs, meta)
-
-    try:
-        with tarfile.open(path, mode="r:*") as tf:
-            key, parts, error = None, {}, None
-            for m in tf:
-                if m.isdir():
-                    continue
-                name = m.name
-                dirname, _, basename = name.rpartition("/")
-                stem, dot, ext = basename.partition(".")
-                mkey = (dirname + "/" if dirname else "") + stem
-                if mkey != key:
-                    if key is not None:
-                        yield build(key, parts, error)
-                    key, parts, error = mkey, {}, None
-                if _unsafe_member_name(name):
-                    error = error or ("unsafe_tar_member", f"member {name!r} has an absolute path or '..'")
-                    continue
-                if not m.isfile():
-                    error = error or ("unsafe_tar_member", f"member {name!r} is not a regular file")
-                    continue
-                ext = ext.lower()
-                if ext in parts:
-                    error = error or ("malformed_record", f"member {name!r} appears twice")
-                elif ext == "json" or ext.rpartition(".")[2] in IMAGE_EXTS:
-                    f = tf.extractfile(m)
-                    parts[ext] = f.read() if f is not None else b""
-                else:
-                    ignored[ext or "(none)"] += 1
-            if key is not None:
-                yield build(key, parts, error)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ConvertError(f"cannot read tar {path}: {type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------ per-sample work
@@ -261,7 +73,7 @@ def resolve_image_path(root: str, rel) -> str:
     """Absolute path of image `rel` under `root`; ConvertRejected if it escapes the root or is missing."""
     if not isinstance(rel, str) or not rel:
         raise ConvertRejected("bad_image_path", f"image path {rel!r} is not a non-empty string")
-    if os.path.isabs(rel) or _unsafe_member_name(rel):
+    if os.path.isabs(rel) or unsafe_member_name(rel):
         raise ConvertRejected("bad_image_path", f"image path {rel!r} is absolute or contains '..'")
     real_root = os.path.realpath(root)
     full = os.path.realpath(os.path.join(real_root, rel))
@@ -326,8 +138,8 @@ def _init_worker(params: Params) -> None:
     _WORKER = Worker(params)
 
 
-def _process_batch(batch: list[SourceSample]) -> list:
-    return [_WORKER.process(s) for s in batch]
+def _process_pair(batch: list[SourceSample]) -> list:
+    return [(s, _WORKER.process(s)) for s in batch]
 
 
 def _batched(it, n):
@@ -343,83 +155,14 @@ def _batched(it, n):
 
 def process_ordered(samples: Iterator[SourceSample], params: Params, workers: int, batch_size: int = 16):
     """(sample, result) in input order; bounded memory (a few batches per worker in flight)."""
-    if workers <= 1:
-        worker = Worker(params)
-        for s in samples:
-            yield s, worker.process(s)
-        return
-    import multiprocessing as mp
+    batches = io.ordered_map(_process_pair, _batched(samples, batch_size), workers, initializer=_init_worker,
+                             initargs=(params,))
+    try:
+        for pairs in batches:
+            yield from pairs
+    finally:
+        batches.close()  # stops the worker pool if the caller left early
 
-    ctx = mp.get_context("spawn")  # fork would copy threads of jax/tokenizers in the parent
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(params,)) as pool:
-        pending = collections.deque()
-        for batch in _batched(samples, batch_size):
-            pending.append((batch, pool.apply_async(_process_batch, (batch,))))
-            if len(pending) >= 4 * workers:
-                b, r = pending.popleft()
-                yield from zip(b, r.get())
-        while pending:
-            b, r = pending.popleft()
-            yield from zip(b, r.get())
-
-
-# ----------------------------------------------------------------------------------------------- output
-
-class ShardWriter:
-    """Writes records to `<prefix>-NNNNN-of-MMMMM.array_record` files of `records_per_shard` records."""
-
-    def __init__(self, out_dir: Path, prefix: str, records_per_shard: int):
-        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, records_per_shard
-        self.tmp_files: list[tuple[Path, int]] = []
-        self._writer = None
-        self._count = 0
-
-    def write(self, data: bytes) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self._writer is None:
-            path = self.out_dir / f".{self.prefix}-{len(self.tmp_files):05d}.partial"
-            self._writer = ArrayRecordWriter(str(path), "group_size:1")
-            self.tmp_files.append((path, 0))
-        self._writer.write(data)
-        self._count += 1
-        if self._count == self.per_shard:
-            self._close_current()
-
-    def _close_current(self):
-        if self._writer is not None:
-            self._writer.close()
-            path, _ = self.tmp_files[-1]
-            self.tmp_files[-1] = (path, self._count)
-            self._writer, self._count = None, 0
-
-    def finish(self) -> list[dict]:
-        """Closes and renames the shards; returns [{"file", "records", "sha256"}]."""
-        self._close_current()
-        n = len(self.tmp_files)
-        shards = []
-        for i, (tmp, count) in enumerate(self.tmp_files):
-            final = self.out_dir / f"{self.prefix}-{i:05d}-of-{n:05d}.array_record"
-            os.replace(tmp, final)
-            shards.append({"file": final.name, "records": count, "sha256": _sha256(final)})
-        return shards
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------- run
 
 def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_globs=(), wds_globs=(),
             id_column="id", image_column="image", caption_column="caption", prefix="raw",
@@ -428,8 +171,7 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     """Runs the conversion; returns the manifest. Raises ConvertError (manifest written) on abort."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists() or list(out.glob(f"{prefix}-*.array_record")):
-        raise ConvertError(f"{out} already holds a manifest or {prefix}-*.array_record shards; use a new folder")
+    io.refuse_existing(out, prefix, ConvertError)
     if json_files and not image_root:
         raise ConvertError("--json needs --image-root")
     if not (json_files or parquet_globs or wds_globs):
@@ -442,12 +184,12 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
         if not os.path.isfile(jf):
             raise ConvertError(f"no JSON file {jf}")
         inputs.append({"format": "llava_json", "path": str(jf), "image_root": str(image_root),
-                       "sha256": _sha256(jf)})
+                       "sha256": io.sha256_file(jf)})
         sources.append(lambda jf=jf: iter_llava_json(str(jf), str(image_root)))
     ignored = collections.Counter()
     for fmt, globs in (("parquet", parquet_globs), ("webdataset", wds_globs)):
         for pattern in globs:
-            files, base = _glob_files(pattern)
+            files, base = glob_files(pattern)
             inputs.append({"format": fmt, "glob": pattern, "base": base,
                            "files": [{"path": os.path.relpath(f, base), "bytes": os.path.getsize(f)} for f in files]})
             for f in files:
@@ -468,7 +210,7 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     manifest = {
         "format": MANIFEST_FORMAT, "schema_version": schema.RAW_VERSION, "status": "running",
         "inputs": inputs,
-        "parameters": {**asdict(params), "tokenizer_sha256": _sha256(tok_json) if tok_json.exists() else None,
+        "parameters": {**asdict(params), "tokenizer_sha256": io.sha256_file(tok_json) if tok_json.exists() else None,
                        "prefix": prefix, "records_per_shard": records_per_shard,
                        "max_reject_fraction": max_reject_fraction, "abort_min_samples": abort_min_samples,
                        "id_column": id_column, "image_column": image_column, "caption_column": caption_column},
@@ -477,14 +219,13 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
     }
     counts = {"seen": 0, "written": 0, "rejected": 0, "tokens": 0, "supervised_tokens": 0, "images": 0,
               "patches": 0}
-    by_reason = collections.Counter()
     seen_ids: set[bytes] = set()
-    writer = ShardWriter(out, prefix, records_per_shard)
+    writer = io.ShardWriter(out, prefix, records_per_shard)
     abort_msg = None
-    rejects_path = out / "rejects.jsonl"
+    rejects = io.RejectLog(out / io.REJECTS_FILE)
     results = process_ordered(all_samples(), params, workers)
     try:
-        with open(rejects_path, "w", encoding="utf-8") as rej_file:
+        with rejects:
             for s, result in results:
                 counts["seen"] += 1
                 id_hash = hashlib.blake2b(s.sample_id.encode("utf-8"), digest_size=12).digest()
@@ -499,18 +240,16 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
                 else:
                     _, reason, detail = result
                     counts["rejected"] += 1
-                    by_reason[reason] += 1
-                    rej_file.write(json.dumps({"id": s.sample_id, "reason": reason, "detail": detail,
-                                               "meta": s.meta}, sort_keys=True) + "\n")
+                    rejects.add(reason, id=s.sample_id, detail=detail, meta=s.meta)
                 if log_every and counts["seen"] % log_every == 0:
                     print(f"convert: {counts['seen']} seen, {counts['written']} written, {counts['rejected']} "
-                          f"rejected {dict(by_reason)}", file=sys.stderr, flush=True)
+                          f"rejected {rejects.by_reason()}", file=sys.stderr, flush=True)
                 if (counts["seen"] >= abort_min_samples
                         and counts["rejected"] > max_reject_fraction * counts["seen"]):
-                    abort_msg = _abort_message(counts, by_reason, max_reject_fraction)
+                    abort_msg = _abort_message(counts, rejects.by_reason(), max_reject_fraction)
                     break
         if abort_msg is None and counts["seen"] and counts["rejected"] > max_reject_fraction * counts["seen"]:
-            abort_msg = _abort_message(counts, by_reason, max_reject_fraction)
+            abort_msg = _abort_message(counts, rejects.by_reason(), max_reject_fraction)
         if abort_msg is None and counts["seen"] == 0:
             abort_msg = "the inputs hold no samples"
     except ConvertError as e:
@@ -519,13 +258,13 @@ def convert(*, out_dir, params: Params, json_files=(), image_root=None, parquet_
         results.close()  # stops the worker pool if we left early
         manifest["shards"] = writer.finish()
         manifest["counts"] = counts
-        manifest["rejected_by_reason"] = dict(sorted(by_reason.items()))
+        manifest["rejected_by_reason"] = rejects.by_reason()
         manifest["ignored_tar_members"] = dict(sorted(ignored.items()))
-        manifest["rejects_file"] = rejects_path.name
+        manifest["rejects_file"] = io.REJECTS_FILE
         manifest["status"] = "aborted" if abort_msg else "complete"
         if abort_msg:
             manifest["abort_reason"] = abort_msg
-        _write_json(out / "manifest.json", manifest)
+        io.write_json(out / io.MANIFEST, manifest)
     if abort_msg:
         raise ConvertError(abort_msg)
     return manifest

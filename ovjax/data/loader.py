@@ -1,8 +1,7 @@
 """Grain loader of packed ArrayRecord shards: global, sharded, resumable batches of the packed contract.
 
     loader = PackedLoader("data/packed", seq_len=8192, max_patches=32768, max_images=64, max_segments=64,
-                          global_batch_size=16, mesh=mesh, batch_axes=("data", "fsdp"), seed=0,
-                          worker_count=2)
+                          global_batch_size=16, mesh=mesh, seed=0, worker_count=2)
     for batch in loader:            # dict of global jax.Arrays, see below
         loss = step(batch)
         loader.last_stats           # host-local counters of that batch (samples, supervised tokens, ...)
@@ -16,11 +15,10 @@ one global stream of packed rows; this process takes rows `shard_index::shard_co
 to_iter_dataset -> mp_prefetch(worker_count). Global batch k is always rows [k*B, (k+1)*B) of the global
 stream, whatever the worker count or process count, so the iterator state is just k (plus checks).
 
-The batch (B = global batch, T = seq_len, P = max_patches), text-only rows included:
-    tokens int32 [B,T], targets int32 [B,T], loss_mask bool [B,T], segment_ids int32 [B,T],
-    positions int32 [B,T], patches float32 [B,P,588], patch_segment int32 [B,P], patch_hw int32 [B,P,2].
-Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device) and are normalised
-on the device by a lookup table built with `images.normalize_uint8`, so the values equal
+The batch is `ovjax.data.batch`'s contract (B = global batch, T = seq_len, P = max_patches; rows written by
+its RowWriter), text-only rows included; on a mesh every field arrives in `sharding.batch_shardings`, the
+step's input sharding. Patches travel as uint8 pixels (4x fewer bytes through the workers and to the device)
+and are normalised on the device by a lookup table built with `images.normalize_uint8`, so the values equal
 `images.preprocess(..., dtype=float32)` bit for bit; padding patches are 0.
 """
 
@@ -35,13 +33,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ovjax.data import batch as batch_lib
 from ovjax.data import images, schema
 
 STATE_FORMAT = "ovjax-loader"
 STATE_VERSION = 1
-PATCH_DIM = 3 * images.PATCH_SIZE * images.PATCH_SIZE
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "patches", "patch_segment",
-              "patch_hw")
 
 
 class LoaderError(ValueError):
@@ -78,52 +74,37 @@ def build_row(data: bytes, spec: RowSpec) -> dict[str, np.ndarray]:
     grid differs from the recorded one (the data was made with other min/max_pixels).
     """
     rec = schema.validate_packed(schema.loads(data))
-    T, P = spec.seq_len, spec.max_patches
     samples = rec["samples"]
     if spec.max_segments is not None and len(samples) > spec.max_segments:
         raise LoaderError(f"bin of {len(samples)} samples exceeds max_segments={spec.max_segments}")
     n_img = sum(len(s["images"]) for s in samples)
     if spec.max_images is not None and n_img > spec.max_images:
         raise LoaderError(f"bin of {n_img} images exceeds max_images={spec.max_images}")
-    row = {
-        "tokens": np.zeros(T, np.int32), "targets": np.zeros(T, np.int32), "loss_mask": np.zeros(T, bool),
-        "segment_ids": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32),
-        "patches": np.zeros((P, spec.patch_dim), np.uint8), "patch_segment": np.zeros(P, np.int32),
-        "patch_hw": np.zeros((P, 2), np.int32),
-    }
-    t = p = img_index = supervised = 0
-    for seg, s in enumerate(samples, start=1):
-        tok, mask = s["tokens"], s["loss_mask"]
-        n = len(tok)
-        if t + n > T:
-            raise LoaderError(f"bin of more than seq_len={T} tokens (sample {s['id']!r})")
-        row["tokens"][t:t + n] = tok
-        row["targets"][t:t + n - 1] = tok[1:]
-        row["loss_mask"][t:t + n - 1] = mask[1:]
-        row["segment_ids"][t:t + n] = seg
-        row["positions"][t:t + n] = np.arange(n, dtype=np.int32)
-        supervised += int(np.count_nonzero(mask[1:]))
-        t += n
+    writer = batch_lib.RowWriter(spec.seq_len, spec.max_patches, patch_dim=spec.patch_dim, patch_dtype=np.uint8,
+                                 merge_size=spec.merge_size)
+    for s in samples:
+        try:
+            writer.add_sample(s["tokens"], s["loss_mask"])
+        except batch_lib.BatchError as e:
+            raise LoaderError(f"bin of {e} (sample {s['id']!r})") from e
         for data_i, grid in zip(s["images"], s["grids"]):
             try:
                 pixels, got = images.preprocess(
                     images.decode_image(data_i), patch_size=spec.patch_size, merge_size=spec.merge_size,
                     min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, dtype=np.uint8)
             except images.ImageRejected as e:
-                raise LoaderError(f"sample {s['id']!r}: image {img_index} unusable: {e}") from e
+                raise LoaderError(f"sample {s['id']!r}: image {writer.images} unusable: {e}") from e
             if tuple(int(g) for g in grid) != tuple(got):
                 raise LoaderError(f"sample {s['id']!r}: image grid {tuple(got)} differs from the recorded "
                                   f"{tuple(int(g) for g in grid)}; min/max_pixels differ from the conversion's")
-            k = len(pixels)
-            if p + k > P:
-                raise LoaderError(f"bin of more than max_patches={P} patches (sample {s['id']!r})")
-            img_index += 1
-            row["patches"][p:p + k] = pixels
-            row["patch_segment"][p:p + k] = img_index
-            row["patch_hw"][p:p + k] = images.patch_positions(got, merge_size=spec.merge_size)
-            p += k
-    row.update(samples=np.int64(len(samples)), tokens_count=np.int64(t),
-               supervised_tokens=np.int64(supervised), images=np.int64(img_index), patches_count=np.int64(p))
+            try:
+                writer.add_image(pixels, got)
+            except batch_lib.BatchError as e:
+                raise LoaderError(f"bin of {e} (sample {s['id']!r})") from e
+    row = writer.row()
+    row.update(samples=np.int64(writer.samples), tokens_count=np.int64(writer.tokens_used),
+               supervised_tokens=np.int64(writer.supervised), images=np.int64(writer.images),
+               patches_count=np.int64(writer.patches_used))
     return row
 
 
@@ -139,7 +120,7 @@ class _BuildRow:
 
 def split_counters(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """(contract arrays, summed counters) of a numpy batch from the grain pipeline."""
-    arrays = {k: batch[k] for k in BATCH_KEYS}
+    arrays = {k: batch[k] for k in batch_lib.BATCH_KEYS}
     stats = {"rows": int(batch["tokens"].shape[0]), "samples": int(batch["samples"].sum()),
              "tokens": int(batch["tokens_count"].sum()),
              "supervised_tokens": int(batch["supervised_tokens"].sum()),
@@ -197,13 +178,15 @@ def _check_manifest_budgets(manifest: dict | None, spec: RowSpec) -> None:
             raise LoaderError(f"the packed set was made with {name}={theirs}, larger than the loader's {mine}")
 
 
-def process_rows(sharding, global_batch_size: int) -> tuple[int, int]:
+def process_rows(sharding, global_batch_size: int, shape: Sequence[int] | None = None) -> tuple[int, int]:
     """(shard_index, shard_count) of this process's rows of the global batch under `sharding`.
+
+    shape: the full shape of an array under `sharding` (default [B]); only its rows matter here.
 
     This process must address one contiguous block of rows [start, start + n) with n dividing B;
     processes that address the same block (replicas) get the same shard index, so the same data.
     """
-    idx = sharding.addressable_devices_indices_map((global_batch_size,))
+    idx = sharding.addressable_devices_indices_map(tuple(shape or (global_batch_size,)))
     spans = set()
     for index in idx.values():
         sl = index[0] if index else slice(None)
@@ -222,15 +205,18 @@ def process_rows(sharding, global_batch_size: int) -> tuple[int, int]:
 class PackedLoader:
     """Iterator of global packed batches (dict of jax.Array, or numpy without a sharding/mesh).
 
-    data: packed directory (manifest.json), glob or list of shards. sharding: a NamedSharding whose first
-    spec entry shards the batch dimension (other dimensions are replicated); or mesh + batch_axes. Without
-    either, batches stay numpy on the host (patches normalised there) and this process reads every row.
+    data: packed directory (manifest.json), glob or list of shards. shardings: {field: NamedSharding}, the
+    step's input shardings (`ovjax.sharding.batch_shardings`), so batches arrive where the step wants them;
+    fields without a sharding (image fields of a text-only step) are not sent. mesh: shorthand for
+    `sharding.batch_shardings` of this loader's shapes on `mesh` (micro_batches only adds its divisibility
+    check). Without either, batches stay numpy on the host (patches normalised there) and this process reads
+    every row.
     num_epochs: None = forever. worker_count: grain processes (0 = in-process threads only).
     """
 
     def __init__(self, data: str | Sequence[str], *, seq_len: int, max_patches: int, global_batch_size: int,
-                 max_images: int | None = None, max_segments: int | None = None, sharding=None, mesh=None,
-                 batch_axes: Sequence[str] | str | None = ("data", "fsdp"), seed: int = 0,
+                 max_images: int | None = None, max_segments: int | None = None,
+                 shardings: dict | None = None, mesh=None, micro_batches: int = 1, seed: int = 0,
                  num_epochs: int | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
                  read_threads: int = 2, prefetch_buffer_size: int = 2, patch_size: int = images.PATCH_SIZE,
                  merge_size: int = images.MERGE_SIZE, min_pixels: int = images.MIN_PIXELS,
@@ -245,21 +231,27 @@ class PackedLoader:
                             min_pixels, max_pixels)
         self.paths, self.manifest = resolve_packed(data)
         _check_manifest_budgets(self.manifest, self.spec)
-        if sharding is None and mesh is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
+        if shardings is None and mesh is not None:
+            import jax
 
-            axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-            axes = tuple(a for a in axes if a in mesh.axis_names)
-            sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
-        if sharding is not None:  # only the batch dimension's entry matters; the rest is replicated
-            from jax.sharding import NamedSharding, PartitionSpec
+            from ovjax import sharding as sharding_lib
 
-            spec = sharding.spec
-            sharding = NamedSharding(sharding.mesh, PartitionSpec(spec[0] if len(spec) else None))
-        self.sharding = sharding
+            structs = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in
+                       batch_lib.shapes(global_batch_size, seq_len, max_patches, patch_dim=self.spec.patch_dim).items()}
+            shardings = sharding_lib.batch_shardings(structs, mesh, micro_batches)
+        if shardings is not None:
+            missing = [k for k in batch_lib.TOKEN_KEYS if k not in shardings]
+            unknown = sorted(set(shardings) - set(batch_lib.BATCH_KEYS))
+            if missing or unknown:
+                raise LoaderError(f"shardings must cover {missing} and name only batch fields (unknown: {unknown})")
+            if any(k in shardings for k in batch_lib.IMAGE_KEYS) and not all(
+                    k in shardings for k in batch_lib.IMAGE_KEYS):
+                raise LoaderError(f"shardings name some image fields but not all of {batch_lib.IMAGE_KEYS}")
+        self.shardings = shardings
         self.global_batch_size = global_batch_size
-        if sharding is not None:
-            self.shard_index, self.shard_count = process_rows(sharding, global_batch_size)
+        if shardings is not None:
+            self.shard_index, self.shard_count = process_rows(shardings["tokens"], global_batch_size,
+                                                                (global_batch_size, seq_len))
         else:
             self.shard_index, self.shard_count = 0, 1
         self.local_batch_size = global_batch_size // self.shard_count
@@ -324,7 +316,7 @@ class PackedLoader:
     def __next__(self) -> dict[str, Any]:
         arrays, stats = self.next_numpy()
         self.last_stats = stats
-        if self.sharding is None:
+        if self.shardings is None:
             arrays["patches"] = normalize_patches_np(arrays["patches"], arrays["patch_segment"])
             return arrays
         return self._to_global(arrays)
@@ -332,13 +324,12 @@ class PackedLoader:
     def _to_global(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
         import jax
 
-        row_sharding = self.sharding
-        out = {}
-        for k, v in arrays.items():
-            out[k] = jax.make_array_from_process_local_data(row_sharding, v, (self.global_batch_size, *v.shape[1:]))
-        if self._device_fns is None:
-            self._device_fns = _device_normalizer(row_sharding)
-        out["patches"] = self._device_fns(out["patches"], out["patch_segment"])
+        out = {k: jax.make_array_from_process_local_data(self.shardings[k], v, (self.global_batch_size, *v.shape[1:]))
+               for k, v in arrays.items() if k in self.shardings}
+        if "patches" in out:
+            if self._device_fns is None:
+                self._device_fns = _device_normalizer(self.shardings["patches"], self.shardings["patch_segment"])
+            out["patches"] = self._device_fns(out["patches"], out["patch_segment"])
         return out
 
     # -- state
@@ -375,7 +366,7 @@ class PackedLoader:
         self.close()
 
 
-def _device_normalizer(row_sharding):
+def _device_normalizer(patch_sharding, segment_sharding):
     """jit'ed uint8 [B,P,D] (+ patch_segment [B,P]) -> float32 normalised patches, 0 for padding.
 
     A table lookup per device (shard_map), so the values are the host table's bit for bit, on any mesh
@@ -391,8 +382,8 @@ def _device_normalizer(row_sharding):
         vals = jnp.asarray(table)[chan + patches.astype(jnp.int32)]
         return jnp.where(patch_segment[..., None] > 0, vals, jnp.float32(0))
 
-    spec = row_sharding.spec
-    return jax.jit(jax.shard_map(local, mesh=row_sharding.mesh, in_specs=(spec, spec), out_specs=spec))
+    return jax.jit(jax.shard_map(local, mesh=patch_sharding.mesh, in_specs=(patch_sharding.spec, segment_sharding.spec),
+                                 out_specs=patch_sharding.spec), out_shardings=patch_sharding)
 
 
 def global_counters(batch: dict[str, Any]) -> dict[str, Any]:

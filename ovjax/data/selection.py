@@ -17,13 +17,14 @@ checked against their sha256 and against each source's manifest when read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ovjax.data import io
 
 FORMAT = "ovjax-selection"
 VERSION = 1
@@ -42,23 +43,9 @@ class Selection:
     producer: dict
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_raw_manifest(raw_dir: str) -> tuple[dict, str]:
-    path = os.path.join(raw_dir, "manifest.json")
-    if not os.path.isfile(path):
-        raise SelectionError(f"{raw_dir} has no manifest.json (not a converted raw directory)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("status", "complete") != "complete":
-        raise SelectionError(f"{path} has status {meta.get('status')!r} (conversion did not complete)")
-    return meta, _sha256_file(path)
+    meta, path = io.read_complete_manifest(raw_dir, SelectionError)
+    return meta, io.sha256_file(path)
 
 
 def is_selection(path: str | os.PathLike) -> bool:
@@ -95,11 +82,9 @@ def write_selection(path: str | os.PathLike, raw_dirs: list[str], picks, produce
         np.save(f, picks, allow_pickle=False)
     os.replace(tmp, picks_path)
     header = {"format": FORMAT, "version": VERSION, "sources": sources, "picks_file": picks_path.name,
-              "picks_sha256": _sha256_file(picks_path), "num_picks": int(picks.shape[0]),
+              "picks_sha256": io.sha256_file(picks_path), "num_picks": int(picks.shape[0]),
               "producer": producer}
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    io.write_json(p, header)
     return header
 
 
@@ -146,7 +131,7 @@ def read_selection(path: str | os.PathLike) -> Selection:
     picks_path = p.with_name(picks_name)
     if not picks_path.is_file():
         raise SelectionError(f"{p} names {picks_name}, which is missing")
-    if _sha256_file(picks_path) != header.get("picks_sha256"):
+    if io.sha256_file(picks_path) != header.get("picks_sha256"):
         raise SelectionError(f"{picks_path} does not match the sha256 in {p} (changed after writing)")
     picks = np.load(picks_path, allow_pickle=False)
     if picks.dtype != np.int64:

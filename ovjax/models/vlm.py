@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ovjax.data import batch as batch_lib
+from ovjax.data.images import patch_positions  # noqa: F401 (tests and benches import it from here)
 from ovjax.models.layers import constrain
 from ovjax.models.projector import PatchMerger
 from ovjax.models.qwen3 import Qwen3
@@ -60,18 +62,22 @@ class VLM(nn.Module):
                           ("act_batch", "act_patches", "act_vit_embed"))
         return constrain(self.merger(feats), ("act_batch", None, "act_embed"))
 
-    def embed(self, tokens, patches=None, patch_segment=None, patch_hw=None, num_images: int = 0):
-        """Token embeddings with image features in place: [B, T, H]."""
+    def embed(self, tokens, patches=None, patch_segment=None, patch_hw=None, num_images: int = 0,
+              zero_images: bool = False):
+        """Token embeddings with image features in place: [B, T, H]. zero_images: the features scattered
+        into the image positions are zeros (the no-image control of eval)."""
         x = self.language_model.embed(tokens)
         if patches is not None:
             feats = self.image_features(patches, patch_segment, patch_hw, num_images)
+            if zero_images:
+                feats = jnp.zeros_like(feats)
             x = scatter_image_features(x, tokens, feats, self.cfg.image_token_id)
         return x
 
     def __call__(self, tokens, positions, segment_ids, patches=None, patch_segment=None, patch_hw=None,
-                 num_images: int = 0, cache=None):
+                 num_images: int = 0, cache=None, zero_images: bool = False):
         """-> (hidden [B, T, H] after the final norm, cache). Use `logits` for the vocabulary projection."""
-        x = self.embed(tokens, patches, patch_segment, patch_hw, num_images)
+        x = self.embed(tokens, patches, patch_segment, patch_hw, num_images, zero_images)
         return self.language_model(x, positions, segment_ids, cache)
 
     def logits(self, hidden):
@@ -96,16 +102,6 @@ def check_image_tokens(tokens, patch_segment, image_token_id: int, merge: int = 
         raise ValueError(f"row {r} has {int(n_tokens[r])} image tokens but {int(n_feats[r])} image features")
 
 
-def patch_positions(grid_thw, merge: int = 2) -> np.ndarray:
-    """(h, w) of each patch of a (t, h, w) grid in the 2x2-block order, frames one after another: int32 [t*h*w, 2]."""
-    t, h, w = (int(x) for x in grid_thw)
-    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    def block_order(a):
-        return a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-    one = np.stack([block_order(hh), block_order(ww)], axis=-1).astype(np.int32)
-    return np.tile(one, (t, 1))
-
-
 def upstream_to_batch(input_ids, pixel_values=None, image_grid_thw=None, *, image_token_id: int, merge: int = 2,
                       patch_multiple: int = 4) -> dict:
     """The upstream processor's layout -> our batch (numpy).
@@ -118,14 +114,16 @@ def upstream_to_batch(input_ids, pixel_values=None, image_grid_thw=None, *, imag
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
     b, t = input_ids.shape
-    batch = {"tokens": input_ids.astype(np.int32),
-             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-             "segment_ids": np.ones((b, t), np.int32)}
     n_image_tokens = (input_ids == image_token_id).sum(axis=1)
     if pixel_values is None:
         if n_image_tokens.any():
             raise ValueError(f"input_ids hold {int(n_image_tokens.sum())} image tokens but no pixel_values were given")
-        return batch
+        rows = []
+        for r in range(b):
+            writer = batch_lib.RowWriter(t, None)
+            writer.add_sample(input_ids[r])
+            rows.append(writer.row())
+        return batch_lib.stack_rows(rows)
     pixel_values = np.asarray(pixel_values, np.float32)
     grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     sizes = grids.prod(axis=1)
@@ -153,43 +151,29 @@ def upstream_to_batch(input_ids, pixel_values=None, image_grid_thw=None, *, imag
     per_row = [int(sum(sizes[i] for i in mine)) for mine in rows]
     p = max(max(per_row), 1)
     p = -(-p // patch_multiple) * patch_multiple
-    patches = np.zeros((b, p, pixel_values.shape[1]), np.float32)
-    segment = np.zeros((b, p), np.int32)
-    hw = np.zeros((b, p, 2), np.int32)
     # Segments are numbered across the whole batch (as the upstream's one flat ViT call sees them), so
-    # `remote_code_cls_shift` treats exactly the images the upstream treats as "after the first".
-    seg = 0
+    # `remote_code_cls_shift` treats exactly the images the upstream treats as "after the first"; each
+    # frame of a video is its own segment.
+    out, seg = [], 0
     for r, mine in enumerate(rows):
-        at = 0
+        writer = batch_lib.RowWriter(t, p, patch_dim=pixel_values.shape[1], merge_size=merge, first_image=seg)
+        writer.add_sample(input_ids[r])
         for i in mine:
             tt, hh, ww = (int(x) for x in grids[i])
-            n = tt * hh * ww
-            patches[r, at:at + n] = pixel_values[offsets[i]:offsets[i + 1]]
-            segment[r, at:at + n] = seg + 1 + np.repeat(np.arange(tt), hh * ww)
-            hw[r, at:at + n] = patch_positions(grids[i], merge)
-            at += n
-            seg += tt
-    batch.update(patches=patches, patch_segment=segment, patch_hw=hw, num_images=max(seg, 1))
+            for f in range(tt):
+                start = int(offsets[i]) + f * hh * ww
+                writer.add_image(pixel_values[start:start + hh * ww], (1, hh, ww))
+        seg += writer.images
+        out.append(writer.row())
+    batch = batch_lib.stack_rows(out)
+    batch["num_images"] = max(seg, 1)
     return batch
-
-
-def example_batch(cfg, batch: int = 1, seq_len: int = 8, max_patches: int = 4) -> dict:
-    """Zero inputs of the right structure for `init` / `jax.eval_shape` (text-only when cfg.vision is None)."""
-    out = {"tokens": jnp.zeros((batch, seq_len), jnp.int32), "positions": jnp.zeros((batch, seq_len), jnp.int32),
-           "segment_ids": jnp.ones((batch, seq_len), jnp.int32)}
-    if cfg.vision is not None:
-        v = cfg.vision
-        pix = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-        out.update(patches=jnp.zeros((batch, max_patches, pix), jnp.float32),
-                   patch_segment=jnp.zeros((batch, max_patches), jnp.int32),
-                   patch_hw=jnp.zeros((batch, max_patches, 2), jnp.int32))
-    return out
 
 
 def init_params(cfg, rng, *, boxed: bool = False):
     """Random params of `cfg`. boxed=True keeps the logical-axis metadata (nn.Partitioned) for sharding."""
     module = VLM(freeze(cfg))
-    b = example_batch(cfg)
+    b = batch_lib.zeros(batch_lib.struct(cfg, rows=1, seq_len=8, max_patches=4))
     # Under jit: one compiled init instead of op-by-op dispatch through the scanned layers.
     init = jax.jit(module.init, static_argnames="num_images")
     variables = init(rng, b["tokens"], b["positions"], b["segment_ids"], b.get("patches"),

@@ -105,12 +105,11 @@ def check_tokenizer(cfg, tok_dir: Path) -> None:
 
 
 def make_loader(cfg, data_dir: Path, mesh):
-    from ovjax import sharding
     from ovjax.data import images, loader
 
     t, d = cfg.train, cfg.data
     return loader.PackedLoader(str(data_dir), seq_len=t.seq_len, max_patches=t.max_patches,
                                global_batch_size=t.batch_size, max_images=t.max_images,
-                               max_segments=t.max_segments or None, mesh=mesh, batch_axes=sharding.BATCH_AXES,
+                               max_segments=t.max_segments or None, mesh=mesh, micro_batches=t.micro_batches,
                                seed=d.seed, worker_count=d.workers, min_pixels=d.min_pixels,
                                max_pixels=d.max_pixels or images.MAX_PIXELS)

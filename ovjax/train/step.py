@@ -39,30 +39,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovjax import sharding
+from ovjax.data.batch import IMAGE_KEYS, batch_struct
 from ovjax.models import vlm
 from ovjax.models.layers import constrain
 from ovjax.config import ConfigError
 from ovjax.train import optim
 from ovjax.train import state as state_lib
 from ovjax.train.state import Setup, TrainState
-
-IMAGE_KEYS = ("patches", "patch_segment", "patch_hw")
-
-
-def batch_struct(cfg, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of the packed batch of a run config (design.md)."""
-    t = cfg.train
-    b, s = batch_size or t.batch_size, t.seq_len
-    out = {k: jax.ShapeDtypeStruct((b, s), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    out["loss_mask"] = jax.ShapeDtypeStruct((b, s), jnp.bool_)
-    v = cfg.model.vision
-    if v is not None:
-        pix = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-        out["patches"] = jax.ShapeDtypeStruct((b, t.max_patches, pix), jnp.float32)
-        out["patch_segment"] = jax.ShapeDtypeStruct((b, t.max_patches), jnp.int32)
-        out["patch_hw"] = jax.ShapeDtypeStruct((b, t.max_patches, 2), jnp.int32)
-    return out
-
 
 def head_kernel(params, text_cfg):
     lm = params["language_model"]
@@ -148,8 +131,8 @@ def make_step_fn(setup: Setup):
             if m == 1:
                 grads, (loss_sum, _) = grad_fn(trainable, frozen, batch, denom)
             else:
-                micro = {k: jax.lax.with_sharding_constraint(split_micro(v, m), NamedSharding(
-                    mesh, P(None, *sharding.batch_spec(v.ndim, k in sharding.TOKEN_KEYS))))
+                micro_shards = sharding.micro_batch_shardings(sharding.batch_shardings(batch, mesh, m))
+                micro = {k: jax.lax.with_sharding_constraint(split_micro(v, m), micro_shards[k])
                          for k, v in batch.items()}
 
                 def body(carry, mb):

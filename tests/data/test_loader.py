@@ -205,7 +205,7 @@ def test_global_arrays_on_a_mesh(packed_set):
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     with PackedLoader(packed_set, global_batch_size=8, **KW) as loader:
         ref = take(loader, 3)
-    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, batch_axes=("data", "fsdp"), **KW) as loader:
+    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, **KW) as loader:
         got = take(loader, 3)
         assert (loader.shard_index, loader.shard_count) == (0, 1)
     same(got, ref)
@@ -213,9 +213,33 @@ def test_global_arrays_on_a_mesh(packed_set):
         assert isinstance(v, jax.Array) and v.shape[0] == 8
         assert v.sharding.spec[0] == ("data", "fsdp"), k
     assert got[0]["patches"].dtype == np.float32 and got[0]["loss_mask"].dtype == bool
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    with PackedLoader(packed_set, global_batch_size=8, sharding=sharding, **KW) as loader:
+    shardings = {k: NamedSharding(mesh, PartitionSpec("data", *[None] * (v.ndim - 1))) for k, v in ref[0].items()}
+    with PackedLoader(packed_set, global_batch_size=8, shardings=shardings, **KW) as loader:
         same(take(loader, 1), ref[:1])
+
+
+def test_batches_arrive_in_the_steps_input_sharding(packed_set):
+    """With a mesh the loader shards every field as sharding.batch_shardings does for the step (tokens also
+    over `sequence`), so the loop never re-shards a batch."""
+    from ovjax import sharding as sharding_lib
+    from ovjax.data import batch as batch_lib
+
+    mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2}, jax.devices()[:8])
+    with PackedLoader(packed_set, global_batch_size=8, **KW) as loader:
+        ref = take(loader, 2)
+    with PackedLoader(packed_set, global_batch_size=8, mesh=mesh, micro_batches=2, **KW) as loader:
+        got = take(loader, 2)
+    want = sharding_lib.batch_shardings(batch_lib.struct(_tiny(), 8, KW["seq_len"], KW["max_patches"]), mesh, 2)
+    same(got, ref)
+    for k, v in got[0].items():
+        assert v.sharding == want[k], (k, v.sharding, want[k])
+    assert got[0]["tokens"].sharding.spec == PartitionSpec(("data", "fsdp"), "sequence")
+
+
+def _tiny():
+    from ovjax.configs.models import preset
+
+    return preset("tiny")
 
 
 class _FakeSharding:

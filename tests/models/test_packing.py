@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ovjax.configs import models as model_configs
-from ovjax.models.vlm import VLM, freeze, init_params, patch_positions
+from ovjax.data.batch import RowWriter
+from ovjax.models.vlm import VLM, freeze, init_params
 
 CFG = model_configs.preset("tiny")
 MODEL = VLM(freeze(CFG))
@@ -33,15 +34,12 @@ def vision(params, patches, segment, hw, num_images):
 
 def buffer(images, total, pad_value=0.0):
     """images: list of (patch rows, grid) -> patches [total, 588], segment [total], hw [total, 2]."""
-    patches = np.full((total, PIX), pad_value, np.float32)
-    segment = np.zeros(total, np.int32)
-    hw = np.zeros((total, 2), np.int32)
-    at = 0
-    for i, (rows, grid) in enumerate(images):
-        n = len(rows)
-        patches[at:at + n], segment[at:at + n], hw[at:at + n] = rows, i + 1, patch_positions(grid)
-        at += n
-    return patches, segment, hw
+    w = RowWriter(1, total)
+    for rows, grid in images:
+        w.add_image(rows, grid)
+    r = w.row()
+    r["patches"][w.patches_used:] = pad_value
+    return r["patches"], r["patch_segment"], r["patch_hw"]
 
 
 def random_image(rs, h, w):
@@ -79,18 +77,16 @@ def sample(rs, n_text, grids):
 
 
 def row(samples, seq_len, max_patches, num_images, pad_token=0, pad_pixel=0.0):
-    tokens = np.full(seq_len, pad_token, np.int32)
-    positions = np.zeros(seq_len, np.int32)
-    segments = np.zeros(seq_len, np.int32)
-    at, all_images = 0, []
-    for s, (tok, images) in enumerate(samples):
-        tokens[at:at + len(tok)] = tok
-        positions[at:at + len(tok)] = np.arange(len(tok))
-        segments[at:at + len(tok)] = s + 1
-        at += len(tok)
-        all_images += images
-    patches, pseg, hw = buffer(all_images, max_patches, pad_pixel)
-    return [jnp.asarray(x)[None] for x in (tokens, positions, segments, patches, pseg, hw)], num_images
+    w = RowWriter(seq_len, max_patches)
+    for tok, images in samples:
+        w.add_sample(tok)
+        for rows, grid in images:
+            w.add_image(rows, grid)
+    r = w.row()
+    r["tokens"][w.tokens_used:] = pad_token
+    r["patches"][w.patches_used:] = pad_pixel
+    keys = ("tokens", "positions", "segment_ids", "patches", "patch_segment", "patch_hw")
+    return [jnp.asarray(r[k])[None] for k in keys], num_images
 
 
 @functools.partial(jax.jit, static_argnames="num_images")
@@ -136,3 +132,17 @@ def test_samples_do_not_leak_into_each_other(params):
     y = logits(params, *row([a2, b], 48, 16, 2))
     assert np.abs(x[:n1] - y[:n1]).max() > 1e-3  # the first samples differ ...
     np.testing.assert_allclose(x[n1:n1 + nb], y[n1:n1 + nb], atol=1e-5, rtol=1e-5)  # ... the second does not
+
+
+def test_zero_images_puts_zeros_at_the_image_tokens_only(params):
+    """VLM(..., zero_images=True) (eval's no-image control) scatters zeros instead of the image features."""
+    rs = np.random.RandomState(5)
+    (tokens, _, _, patches, pseg, hw), n = row([sample(rs, 5, [(2, 4)])], 32, 8, 1)
+
+    def embed(zero):
+        return np.asarray(MODEL.apply({"params": params}, tokens, patches, pseg, hw, n, zero, method=VLM.embed))[0]
+    real, zeroed = embed(False), embed(True)
+    is_image = np.asarray(tokens[0]) == IMG
+    assert is_image.sum() == 2 and np.abs(real[is_image]).min() > 0
+    assert not zeroed[is_image].any()
+    np.testing.assert_array_equal(zeroed[~is_image], real[~is_image])

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from ovjax.configs.models import preset
+from ovjax.data import batch as batch_lib
 from ovjax.models import vlm
 from ovjax.train import flops
 
@@ -53,7 +54,7 @@ def test_xla_cost_analysis_bound():
     cfg.vision.depth, cfg.text.num_layers = 1, 1
     c = vlm.freeze(cfg)
     b, t, p, m = 2, 32, 16, 2
-    batch = vlm.example_batch(cfg, b, t, p)
+    batch = batch_lib.struct(cfg, b, t, p)
     params = jax.eval_shape(lambda: vlm.init_params(cfg, jax.random.PRNGKey(0)))
 
     def forward(params, x):
