@@ -57,6 +57,7 @@ _MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
 # backward from re-running the flash forward.
 OUT_NAME = "attention_out"
 LSE_NAME = "attention_lse"
+FWD_KERNEL_NAME = "ovjax_flash_fwd"  # the forward pallas_call, whose outputs are exactly (out, LSE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +393,7 @@ def _fwd_call(q, k, v, seg_q, seg_k, q_offset, cfg: _Config):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         compiler_params=_compiler_params(_warps(cfg.blocks.num_warps, dp), cfg.blocks.num_stages),
         interpret=cfg.interpret,
-        name="ovjax_flash_fwd",
+        name=FWD_KERNEL_NAME,
     )(sched, seg_q, seg_k, q, k, v)
 
 
