@@ -194,3 +194,52 @@ def test_query_shard_errors():
         flash_attention(q[:, :16], k, v, seg[:, :16], True, q_offset=16, interpret=True)
     with pytest.raises(ValueError, match="q_offset must be a scalar"):
         flash_attention(q[:, :16], k, v, q_offset=jnp.zeros(2, jnp.int32), interpret=True)
+
+
+def triton_modules(fn, *args):
+    """The Triton IR (text) of every pallas_call in jit(fn)(*args) lowered for CUDA, on the CPU."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    texts = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def spy(*a, **kw):
+        result = original(*a, **kw)
+        texts.append(result.module.operation.get_asm())
+        return result
+
+    triton_lowering.lower_jaxpr_to_triton_module = spy
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        triton_lowering.lower_jaxpr_to_triton_module = original
+    return texts
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_dots_lower_without_tf32(dtype):
+    """f32: every tt.dot of the fwd, dq and dk/dv kernels has inputPrecision = ieee (no TF32); bf16: the dots
+    take bf16 operands with the lowering's default precision, as before the change. Also covers the
+    query-shard form (T != S, traced offset) that sequence parallelism uses."""
+    t, s, d = 64, 128, 64
+    q = jax.ShapeDtypeStruct((1, t, 4, d), dtype)
+    kv = jax.ShapeDtypeStruct((1, s, 2, d), dtype)
+    seg_q = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    seg_k = jax.ShapeDtypeStruct((1, s), jnp.int32)
+    offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def loss(q, k, v, sq, sk, off):
+        out = flash_attention(q, k, v, sq, True, kv_segment_ids=sk, q_offset=off)
+        return out.astype(jnp.float32).sum()
+
+    texts = triton_modules(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, seg_q, seg_k, offset)
+    assert len(texts) == 3  # fwd, dq, dk/dv
+    dots = [line for text in texts for line in text.splitlines() if "tt.dot " in line]
+    assert len(dots) == 2 + 3 + 4, len(dots)  # fwd: qk, pv; dq: qk, dov, dsk; dkv: kq, pdo, vdo, dsq
+    precisions = {re.search(r"inputPrecision = (\w+)", line).group(1) for line in dots}
+    if dtype == jnp.float32:
+        assert precisions == {"ieee"}, precisions
+        assert all("xf32>" in line for line in dots)
+    else:
+        assert precisions == {"tf32"}, precisions  # the attribute's default; Triton ignores it for bf16
+        assert all(re.search(r"tensor<\d+x\d+xbf16> \* tensor<\d+x\d+xbf16>", line) for line in dots), dots
