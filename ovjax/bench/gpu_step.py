@@ -1,7 +1,7 @@
 """Train-step timing on whatever device is present (the GPU check's train step): the 4b preset with ALL its
 layers (36 LLM + 24 ViT, full 151,936-token vocabulary), a SHORT sequence (packed rows of 4096 tokens, 4096
 patches), everything trainable, bf16 compute, attention `auto` (the Pallas kernel on a GPU), remat
-`save_attention`. Full depth keeps the LM head at its real share of the step (~10% of the FLOPs instead of
+`save_attention`. Full depth keeps the LM head at its real share of the step (~9% of the forward FLOPs instead of
 ~45% for 4 layers); the 8b does not fit one GPU with its f32 AdamW state (~140 GB), the 4b (~75 GB) does on
 an H200/141 GB card and reports an out-of-memory error on smaller ones.
 

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from ovjax import sharding
 from ovjax.configs import models as model_configs
 from ovjax.models.vlm import VLM, abstract_params, freeze, init_params, patch_positions
-from tests.kernels.test_model_pallas import PIX, loss_fn
+from tests.kernels.test_model_pallas import PIX, assert_grads_close, loss_fn
 
 FAST = {"xla_backend_optimization_level": 0}
 ROWS, SEQ, PATCHES, IMAGES = 8, 64, 64, 4
@@ -96,14 +96,4 @@ def test_sharded_pallas_model_equals_one_device(setup, shape):
     step = jax.jit(value_and_grad(cfg, mesh), in_shardings=(param_shards, batch_shards))
     loss_n, grad_n = step.lower(p, b).compile(compiler_options=FAST)(p, b)
     assert abs(float(loss_n) - float(loss_1)) <= 1e-5 * abs(float(loss_1)), (float(loss_n), float(loss_1))
-    flat_1 = jax.tree_util.tree_leaves_with_path(grad_1)
-    flat_n = jax.tree_util.tree_leaves(grad_n)
-    assert len(flat_1) == len(flat_n)
-    for (path, g1), gn in zip(flat_1, flat_n):
-        g1, gn = np.asarray(g1), np.asarray(gn)
-        scale = np.abs(g1).max()
-        if scale == 0:
-            np.testing.assert_array_equal(gn, g1)
-            continue
-        err = np.abs(gn - g1).max() / scale
-        assert err < 1e-5, f"{jax.tree_util.keystr(path)}: relative gradient error {err:.2e}"
+    assert len(assert_grads_close(grad_1, grad_n)) > 0
