@@ -10,8 +10,8 @@ an H200/141 GB card and reports an out-of-memory error on smaller ones.
 launch/gpu_check.sh runs it in its own process, so `peak_bytes_in_use` is this step's peak and not that of
 the attention benchmarks before it.
 
-`run(smoke, deadline) -> dict` (JSON-able) and `markdown(result)` are what launch/gpu_attention_bench.py
-calls. Smoke (or a CPU): the tiny preset at seq 256, XLA attention, two timed steps.
+`run(smoke, deadline) -> dict` (JSON-able; `main` writes it with --json) and `markdown(result)` are the
+API. Smoke (or a CPU): the tiny preset at seq 256, XLA attention, two timed steps.
 
 Nothing here imports grain, array_record or ml_collections at module level. The model code needs
 `ml_collections` (configs are ConfigDicts); the lent GPU machines lack it, so when it is missing a minimal
