@@ -93,7 +93,7 @@ def op_times(trace_dir: str, ops: dict[str, Op]) -> collections.Counter:
 def part_of(op_name: str) -> str:
     if not op_name:
         return "no metadata (scan buffers, constants)"
-    if "/visual/" in op_name or "/merger/" in op_name or "image_features" in op_name:
+    if any(k in op_name for k in ("/visual/", "/merger/", "image_features", "/blocks/")):
         return "vision tower + merger"
     if "language_model/while" in op_name or "/layers/" in op_name:
         return "LLM blocks"
@@ -172,7 +172,7 @@ def trace_step(one, ctx: dict, steps: int, trace_dir: str) -> dict:
 # ------------------------------------------------------------------------------------------- sub-functions
 
 
-def sub_functions(ctx: dict) -> dict:
+def sub_functions(ctx: dict, compiler_options: dict | None = None) -> dict:
     """Jitted parts of the step on the step's own state and batch: name -> callable running to completion."""
     import jax
     import jax.numpy as jnp
@@ -190,18 +190,20 @@ def sub_functions(ctx: dict) -> dict:
         def wrapped(*a):
             with sharding.activation_rules(setup.mesh):
                 return fn(*a)
-        return jax.jit(wrapped)
+        return jax.jit(wrapped, compiler_options=compiler_options)
 
     fwd = in_rules(lambda p, b: loss_fn(*optim.split(p, paths), b, denom)[0])
     grad = in_rules(lambda p, b: jax.grad(loss_fn, has_aux=True)(*optim.split(p, paths), b, denom)[0])
-    params = holder["state"].params
+    # copies: the step donates (deletes) the live state, and it runs interleaved with these
+    params = jax.tree_util.tree_map(jnp.copy, holder["state"].params)
+    opt_state = jax.tree_util.tree_map(jnp.copy, holder["state"].opt_state)
     grads = jax.block_until_ready(grad(params, batch))
 
     def update(g, opt_state, p):
         trainable = optim.split(p, paths)[0]
         upd, new_opt = setup.tx.update(g, opt_state, trainable)
         return optax.apply_updates(trainable, upd), new_opt, optax.tree.norm(g)
-    upd = jax.jit(update)
+    upd = jax.jit(update, compiler_options=compiler_options)
 
     text = setup.model_cfg.text
     rows, seq_len = batch["tokens"].shape
@@ -212,7 +214,7 @@ def sub_functions(ctx: dict) -> dict:
                                                                         chunk)[0], argnums=(0, 1)))
     fns = {"forward (loss)": lambda: fwd(params, batch),
            "forward + backward": lambda: grad(params, batch),
-           "optimizer update": lambda: upd(grads, holder["state"].opt_state, params),
+           "optimizer update": lambda: upd(grads, opt_state, params),
            "loss head alone (fwd + bwd)": lambda: ce(hidden, head)}
     return {k: (lambda f=f: jax.block_until_ready(f())) for k, f in fns.items()}
 
@@ -221,7 +223,8 @@ def sub_functions(ctx: dict) -> dict:
 
 
 def run(preset: str = "mid", rounds: int = 5, trace_steps: int = 2, compile_torch: bool = True,
-        trace_dir: str | None = None, compiler_options: dict | None = None) -> dict:
+        trace_dir: str | None = None, compiler_options: dict | None = None,
+        progress_json: str | None = None) -> dict:
     cfg = bench_step.model_config(preset)
     rows, seq_len, grid = bench_step.SHAPES[preset]
     batch = bench_step.make_batch(cfg, rows, seq_len, grid)
@@ -231,7 +234,10 @@ def run(preset: str = "mid", rounds: int = 5, trace_steps: int = 2, compile_torc
     with tempfile.TemporaryDirectory() as tmp:
         res["load_average_trace"] = bench_step.load_average()
         res["profile"] = trace_step(one, ctx, trace_steps, trace_dir or tmp)
-    fns = {"ovjax step (jit)": one, **sub_functions(ctx)}
+    if progress_json:  # the profile alone, in case a later part fails
+        with open(progress_json, "w") as f:
+            json.dump(res, f, indent=1)
+    fns = {"ovjax step (jit)": one, **sub_functions(ctx, compiler_options)}
     fns["PyTorch eager step"] = bench_step.torch_runner(cfg, batch, False)[0]
     if compile_torch:
         try:
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         res = run("tiny", rounds=1, trace_steps=1, compile_torch=False,
                   compiler_options={"xla_backend_optimization_level": 0})
     else:
-        res = run(args.preset, args.rounds, args.trace_steps, not args.no_compile, args.trace_dir)
+        res = run(args.preset, args.rounds, args.trace_steps, not args.no_compile, args.trace_dir,
+                  progress_json=args.json)
     print(markdown(res))
     if args.json:
         with open(args.json, "w") as f:
