@@ -42,6 +42,7 @@ import time
 
 import numpy as np
 
+from ovjax.bench.step import load_average
 from ovjax.data import images, pack, schema
 
 TEMPLATE_TOKENS = 20
@@ -161,7 +162,7 @@ def compare(records: list[dict], caps: dict[str, int], max_segments: int, rounds
         consume(make(records[:64], {}), caps)
     seconds = {k: [] for k in makers}
     plan_s, result = [], {}
-    load_before = _load()
+    load_before = load_average()
     for _ in range(rounds):
         for name, make in makers.items():
             timing: dict = {}
@@ -175,7 +176,7 @@ def compare(records: list[dict], caps: dict[str, int], max_segments: int, rounds
             if most > max_segments:
                 raise RuntimeError(f"{name} put {most} samples in a bin, over the budget {max_segments}")
             result[name] = bins
-    load = f"{load_before} -> {_load()}"
+    load = f"{load_before} -> {load_average()}"
     out = []
     for name in makers:
         bins, sec = result[name], seconds[name]
@@ -189,10 +190,6 @@ def compare(records: list[dict], caps: dict[str, int], max_segments: int, rounds
                     "note": f"num_packing_bins={grain_bins}" if name != "ovjax" else "plans all bins, then copies",
                     "load_average": load})
     return out
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # ----------------------------------------------------------------------------------------------- loader
