@@ -151,11 +151,6 @@ def jax_runner(cfg, batch: dict, compiler_options: dict | None = None):
     return one, info, {"setup": setup, "step": ts, "holder": holder, "batch": dev_batch}
 
 
-def bench_jax(cfg, batch: dict, steps: int, warmup: int, compiler_options: dict | None = None) -> dict:
-    one, info, _ = jax_runner(cfg, batch, compiler_options)
-    return {**summarize(time_interleaved({"jax": one}, steps, warmup)["jax"]), **info}
-
-
 # ---------------------------------------------------------------------------------------- PyTorch
 
 def torch_model(cfg):
@@ -240,11 +235,6 @@ def torch_runner(cfg, batch: dict, compile_model: bool):
     one()
     out["first_step_s"] = time.perf_counter() - t0
     return one, out
-
-
-def bench_torch(cfg, batch: dict, steps: int, warmup: int, compile_model: bool) -> dict:
-    one, info = torch_runner(cfg, batch, compile_model)
-    return {**summarize(time_interleaved({"torch": one}, steps, warmup)["torch"]), **info}
 
 
 # -------------------------------------------------------------------------------------------- run
