@@ -1,6 +1,7 @@
 """Train-step benchmark on CPU: ovjax (JAX) against the same model and batch in PyTorch.
 
     python -m ovjax.bench.step [--presets tiny,mid] [--steps 5] [--no-compile] [--json PATH] [--smoke]
+    python -m ovjax.bench.step_profile [--preset mid]      # where the ovjax step's time goes (per HLO op)
 
 The PyTorch model is transformers' MLCDVisionModel (the RICE-ViT network) + the 2x2 patch merger
 (LayerNorm, Linear 4D->4D, exact GELU, Linear 4D->H) + transformers' Qwen3ForCausalLM, with the same
@@ -9,7 +10,10 @@ device (all cores), on the same batch: B rows of T tokens, each row one image of
 whose P/4 merged features replace the row's <|image_pad|> tokens, then text; the second half of the text is
 supervised. Rows are not packed (one sample per row) so that both sides compute the same attention.
 
-Reported per framework: seconds per step (median of `--steps` after warm-up), tokens/s (B*T / step time),
+The frameworks' steps are timed interleaved (one step of each in turn, `--steps` rounds after a warm-up
+round), so that load from other processes on a shared machine hits all of them alike; the load average is
+recorded beside each row. Reported per framework: seconds per step (median, with min and max), this
+process's CPU seconds per step (median), tokens/s (B*T / median step time),
 MFU (model FLOPs from ovjax.train.flops over the step time and the CPU's measured float32 matmul peak,
 ovjax.train.metrics.peak_flops: the same peak for both, so the ratio is what matters), and the ratio
 ovjax tokens/s over PyTorch tokens/s. `torch.compile` runs when it works here; its failure is reported.
@@ -81,20 +85,43 @@ def make_batch(cfg, rows: int, seq_len: int, grid: tuple[int, int], seed: int = 
     return b
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
+def time_interleaved(fns: dict, steps: int, warmup: int) -> dict:
+    """Time each callable `steps` times, round-robin (a, b, c, a, b, c, ...), so that a change in the
+    machine's load (a shared box) hits every entry alike. -> {name: {"wall": [s], "cpu": [s]}}; cpu is this
+    process's CPU time (all threads) over the call."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    out = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            out[name]["wall"].append(time.perf_counter() - t0)
+            out[name]["cpu"].append(time.process_time() - c0)
+    return out
+
+
+def summarize(times: dict) -> dict:
+    """{"wall": [...], "cpu": [...]} -> median, min, max of the wall times and the median CPU time."""
+    w = times["wall"]
+    return {"step_s": statistics.median(w), "step_s_min": min(w), "step_s_max": max(w),
+            "cpu_s": statistics.median(times["cpu"]), "timed_steps": len(w)}
+
+
+def load_average() -> str:
+    """The 1, 5, 15-minute load averages (`uptime`), recorded beside every timing."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------- JAX
 
-def bench_jax(cfg, batch: dict, steps: int, warmup: int, compiler_options: dict | None = None) -> dict:
+def jax_runner(cfg, batch: dict, compiler_options: dict | None = None):
+    """The shipped train step on one CPU device. -> (one() running a step to completion, info dict,
+    context dict with setup, step, state holder and device batch for profiling)."""
     import jax
 
     from ovjax import sharding
@@ -112,17 +139,16 @@ def bench_jax(cfg, batch: dict, steps: int, warmup: int, compiler_options: dict 
     state = state_lib.init_state(setup, jax.random.PRNGKey(0))
     ts = step_lib.TrainStep(setup, compiler_options=compiler_options)
     dev_batch = step_lib.put_batch(batch, ts)
-    t0 = time.perf_counter()
     holder = {"state": state}
-    holder["state"], m = ts(holder["state"], dev_batch)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
+    info = {}
 
     def one():
         holder["state"], m = ts(holder["state"], dev_batch)
-        jax.block_until_ready(m["loss"])
-    sec = _median_time(one, steps, warmup)
-    return {"step_s": sec, "first_step_s": first, "loss": float(m["loss"])}
+        info["loss"] = float(jax.block_until_ready(m["loss"]))
+    t0 = time.perf_counter()
+    one()
+    info["first_step_s"] = time.perf_counter() - t0
+    return one, info, {"setup": setup, "step": ts, "holder": holder, "batch": dev_batch}
 
 
 # ---------------------------------------------------------------------------------------- PyTorch
@@ -173,7 +199,8 @@ def torch_model(cfg):
     return VLM()
 
 
-def bench_torch(cfg, batch: dict, steps: int, warmup: int, compile_model: bool) -> dict:
+def torch_runner(cfg, batch: dict, compile_model: bool):
+    """-> (one() running a PyTorch train step, info dict with first_step_s and loss)."""
     import torch
 
     from ovjax.models.vlm import patch_positions
@@ -206,15 +233,16 @@ def bench_torch(cfg, batch: dict, steps: int, warmup: int, compile_model: bool) 
         out["loss"] = float(loss.detach())
     t0 = time.perf_counter()
     one()
-    first = time.perf_counter() - t0
-    sec = _median_time(one, steps, warmup)
-    return {"step_s": sec, "first_step_s": first, "loss": out["loss"]}
+    out["first_step_s"] = time.perf_counter() - t0
+    return one, out
 
 
 # -------------------------------------------------------------------------------------------- run
 
 def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch: bool = True,
         jax_compiler_options: dict | None = None) -> dict:
+    """Per preset: build every framework's step (its first step timed alone), then time them interleaved
+    (one step of each in turn, `steps` rounds) so that load on a shared machine hits all of them alike."""
     import jax
 
     from ovjax.train import flops as flops_lib, metrics
@@ -228,19 +256,26 @@ def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch:
         batch = make_batch(cfg, rows, seq_len, grid)
         f = flops_lib.step_flops(cfg, rows, seq_len, grid[0] * grid[1], 1)["train"]
         tokens = rows * seq_len
-        entries = {"ovjax (jax.jit)": lambda: bench_jax(cfg, batch, steps, warmup, jax_compiler_options),
-                   "PyTorch eager": lambda: bench_torch(cfg, batch, steps, warmup, False)}
+        builders = {"ovjax (jax.jit)": lambda: jax_runner(cfg, batch, jax_compiler_options)[:2],
+                    "PyTorch eager": lambda: torch_runner(cfg, batch, False)}
         if compile_torch:
-            entries["PyTorch torch.compile"] = lambda: bench_torch(cfg, batch, steps, warmup, True)
-        for name, fn in entries.items():
-            row = {"preset": preset, "framework": name, "batch": f"{rows}x{seq_len}, {grid[0]}x{grid[1]} patches",
-                   "flops_per_step": f}
+            builders["PyTorch torch.compile"] = lambda: torch_runner(cfg, batch, True)
+        preset_rows, runners = {}, {}
+        for name, build in builders.items():
+            preset_rows[name] = row = {"preset": preset, "framework": name, "flops_per_step": f,
+                                       "batch": f"{rows}x{seq_len}, {grid[0]}x{grid[1]} patches"}
             try:
-                r = fn()
-                row.update(r, tokens_per_s=tokens / r["step_s"], mfu=f / r["step_s"] / peak)
+                runners[name], row["_info"] = build()
             except Exception as e:  # a framework that does not run here is reported, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 traceback.print_exc()
+        load_before = load_average()
+        times = time_interleaved(runners, steps, warmup)
+        for name, row in preset_rows.items():
+            if name in runners:
+                r = {**summarize(times[name]), **row.pop("_info")}
+                row.update(r, tokens_per_s=tokens / r["step_s"], mfu=f / r["step_s"] / peak,
+                           load_average=f"{load_before} -> {load_average()}")
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
         base = next((r for r in result["rows"] if r["preset"] == preset and r["framework"].startswith("ovjax")
@@ -253,14 +288,18 @@ def run(presets=("tiny", "mid"), steps: int = 5, warmup: int = 1, compile_torch:
 
 def markdown(result: dict) -> str:
     lines = [f"CPU: {result['cpu_count']} cores; peak {result['peak_flops'] / 1e9:.1f} GFLOP/s ({result['peak_source']})",
-             "", "| preset | batch | framework | s/step | tokens/s | MFU | ovjax speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             "Timed interleaved (one step of each framework in turn); s/step is the median with [min, max].",
+             "", "| preset | batch | framework | s/step [min, max] | CPU s/step | tokens/s | MFU | ovjax speed-up |"
+             " load (1/5/15 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['framework']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['preset']} | {r['batch']} | {r['framework']} | failed: {r['error']} | | | | | |")
         else:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['framework']} | {r['step_s']:.3f} | "
-                         f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['ovjax_speedup']:.2f}x |")
+            lines.append(f"| {r['preset']} | {r['batch']} | {r['framework']} | {r['step_s']:.3f} "
+                         f"[{r['step_s_min']:.3f}, {r['step_s_max']:.3f}] | {r['cpu_s']:.2f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['mfu']:.1%} | {r['ovjax_speedup']:.2f}x | "
+                         f"{r['load_average']} |")
     return "\n".join(lines)
 
 

@@ -232,16 +232,3 @@ def test_cli_help():
     with pytest.raises(SystemExit) as e:
         pack.main(["--help"])
     assert e.value.code == 0
-
-
-def test_bench_smoke(tmp_path):
-    from ovjax.bench import pack as bench
-
-    out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())
-    names = {r["packer"] for r in res["packing"]}
-    assert {"ovjax", "grain FirstFitPack", "grain BestFitPack"} <= names
-    for r in res["packing"]:
-        assert r["bins"] >= r["lower_bound"] > 0
-    assert res["loader"]["samples_per_s"] > 0
