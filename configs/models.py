@@ -37,7 +37,7 @@ def _runtime(cfg):
     cfg.dtype = "float32"          # compute dtype (params stay float32 unless param_dtype says otherwise)
     cfg.param_dtype = "float32"
     cfg.attention_impl = "xla"     # xla | pallas | cudnn | auto
-    cfg.remat = "none"             # none | full | dots | dots_no_batch
+    cfg.remat = "none"             # none | full | dots | dots_no_batch | save_attention | dots_attention
     return cfg
 
 

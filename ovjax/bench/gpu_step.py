@@ -194,21 +194,9 @@ def run(smoke: bool = False, deadline: float = math.inf) -> dict:
 
 
 def step_flops(flops_lib, model_cfg, t, host) -> dict:
-    """flops.step_flops, with the recompute of the `save_attention` policy (full remat minus the attention
-    forward, which that policy saves) derived from the policies flops.py knows: full - (dots_no_batch - dots)."""
-    def of(remat):
-        return flops_lib.step_flops(model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images,
-                                    segment_ids=host["segment_ids"], patch_segment=host["patch_segment"],
-                                    remat=remat)
-    remat = model_cfg.get("remat", "none")
-    if remat not in ("save_attention", "dots_attention"):
-        return of(remat)
-    f = dict(of("full" if remat == "save_attention" else "dots"))
-    attention_recompute = of("dots_no_batch")["recompute"] - of("dots")["recompute"]
-    if remat == "save_attention":
-        f["recompute"] -= attention_recompute
-    f["hardware"] = f["train"] + f["recompute"]
-    return f
+    return flops_lib.step_flops(model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images,
+                                segment_ids=host["segment_ids"], patch_segment=host["patch_segment"],
+                                remat=model_cfg.get("remat", "none"))
 
 
 def markdown(result: dict) -> str:

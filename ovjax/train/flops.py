@@ -107,8 +107,11 @@ def step_flops(model_cfg, batch_size: int, seq_len: int, max_patches: int = 0, m
                     recompute += part["dense"] + part["attention"]
                 elif remat == "dots_no_batch":
                     recompute += part["attention"]
-                elif remat not in ("none", "dots"):
-                    raise ValueError(f"remat policy {remat!r} is not one of none, full, dots, dots_no_batch")
+                elif remat == "save_attention":  # the flash forward's output and LSE are saved
+                    recompute += part["dense"]
+                elif remat not in ("none", "dots", "dots_attention"):
+                    raise ValueError(f"remat policy {remat!r} is not one of none, full, dots, dots_no_batch, "
+                                     "save_attention, dots_attention")
             recompute += part.get("head", 0.0)  # the chunked loss recomputes its logits
     forward = sum(sum(p.values()) for p in fwd.values())
     return {"forward": forward, "forward_parts": fwd, "train": train, "recompute": recompute,

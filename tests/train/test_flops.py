@@ -40,6 +40,11 @@ def test_counts_by_hand():
     assert s1["recompute"] == LLM_DENSE + LLM_ATTN + HEAD
     assert flops.step_flops(cfg, 1, 8, 8, 2, segment_ids=SEGMENTS, patch_segment=PATCHES,
                             remat="dots")["recompute"] == HEAD
+    # save_attention keeps the flash forward's output: everything but attention is recomputed
+    assert flops.step_flops(cfg, 1, 8, 8, 2, segment_ids=SEGMENTS, patch_segment=PATCHES,
+                            remat="save_attention")["recompute"] == VIT_DENSE + LLM_DENSE + HEAD
+    assert flops.step_flops(cfg, 1, 8, 8, 2, segment_ids=SEGMENTS, patch_segment=PATCHES,
+                            remat="dots_attention")["recompute"] == HEAD
 
     # dense: every token, (P + M)^2 ViT pairs, causal half T(T+1)/2
     d = flops.step_flops(cfg, 1, 8, 8, 2, remat="none")
