@@ -371,8 +371,8 @@ def load(path: str, dtype: str = "float32", *, remote_code_quirks: bool = True) 
     """Load a hub-layout checkpoint directory (config.json + safetensors) as a Model with `dtype` params.
 
     remote_code_quirks: reproduce the released remote code exactly, including its CLS-stripping offset
-    (every image after the first of a call comes out shifted by one patch; see
-    `ovjax.models.vision._remote_code_cls_shift`). Training (Megatron) strips correctly; pass False for that.
+    (image k of a call comes out displaced by k slots; see
+    `ovjax.models.vision._remote_code_cls_windows`). Training (Megatron) strips correctly; pass False for that.
     """
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
