@@ -1,6 +1,6 @@
 """Safetensors I/O in the hub layout: the index, one-tensor-at-a-time reading, a streaming sharded writer.
 
-Only safetensors are read (never pickle). Shard names in an index are checked to be plain file names in the
+Only safetensors are read (never pickle), with plain reads (`SafetensorsFile`). Shard names in an index are checked to be plain file names in the
 checkpoint directory. The writer plans shards from shapes alone and writes each tensor's bytes as it comes, so
 a shard is never held in memory; the files are the standard format (8-byte header size, JSON header padded to
 8 bytes, raw little-endian data) that `safetensors.safe_open` and transformers read.
@@ -15,7 +15,6 @@ from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -61,19 +60,65 @@ def read_index(path: str) -> dict[str, str]:
     single = os.path.join(path, SAFE_NAME)
     if not os.path.isfile(single):
         raise CheckpointError(f"{path} has neither {SAFE_NAME} nor {INDEX_NAME} (only safetensors are read)")
-    with _open(single) as f:
-        return {k: SAFE_NAME for k in f.keys()}
+    return {k: SAFE_NAME for k in _open(single).keys()}
 
 
-def _open(path: str):
-    try:
-        return safe_open(path, framework="numpy")
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+_NUMPY = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 2 ** 20
+
+
+class SafetensorsFile:
+    """One .safetensors file read with plain `read()` calls (no mmap: a mapped file's pages would count in
+    the process's resident memory as they are touched). Header offsets are checked against the file size."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else -1
+                if not 0 < n <= min(_MAX_HEADER, size - 8):
+                    raise ValueError("bad header size")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = {}
+        data_size = size - 8 - n
+        for key, info in header.items():
+            try:
+                dtype = _NUMPY[info["dtype"]] if info["dtype"] != "BOOL" else np.dtype(bool)
+                shape = tuple(int(x) for x in info["shape"])
+                start, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {key!r} has an unreadable header entry {info!r}") from None
+            if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {key!r} has data offsets that do not fit its shape or the file")
+            self.entries[key] = (dtype, shape, 8 + n + start)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def get(self, key: str) -> np.ndarray:
+        dtype, shape, offset = self.entries[key]
+        count = int(np.prod(shape, dtype=np.int64))
+        out = np.empty(count, dtype.newbyteorder("<"))
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise CheckpointError(f"{self.path}: tensor {key!r} is truncated")
+        return out.astype(dtype, copy=False).reshape(shape)
+
+
+def _open(path: str) -> SafetensorsFile:
+    return SafetensorsFile(path)
 
 
 class TensorSource:
-    """The tensors of one checkpoint directory, read one at a time by stored key; handles opened lazily."""
+    """The tensors of one checkpoint directory, read one at a time by stored key; shard headers read lazily."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -83,17 +128,20 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def _handle(self, key: str):
+    def _handle(self, key: str) -> SafetensorsFile:
         shard = self.weight_map[key]
         if shard not in self._handles:
             self._handles[shard] = _open(os.path.join(self.path, shard))
-        return self._handles[shard]
+        handle = self._handles[shard]
+        if key not in handle.entries:
+            raise CheckpointError(f"{self.path}: {key} is listed in the index but not stored in {shard}")
+        return handle
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._handle(key).shape(key)
 
     def get(self, key: str) -> np.ndarray:
-        return self._handle(key).get_tensor(key)
+        return self._handle(key).get(key)
 
     def close(self) -> None:
         self._handles.clear()

@@ -1,19 +1,23 @@
-"""Streamed import: stored tensors -> our param tree, one param leaf at a time, straight into its sharding.
+"""Streamed import: stored tensors -> our param tree, one stored tensor at a time, straight into its sharding.
 
-For each leaf the stored tensor(s) of each layer are read one at a time, transformed, and written into one host
-buffer of the leaf's shape; the leaf is then placed with `jax.make_array_from_callback`, so each device
-receives only its slice of it, and the buffer is freed before the next leaf. Peak host memory beyond what the
-devices hold: one leaf + one stored tensor and its transform. The whole model is never on one device, and
-never on the host twice.
+A stored tensor is read, transformed to our layout (the stored copy is dropped as soon as the transform made
+its own), and placed with `jax.make_array_from_callback`, so each device receives only its slice. Stacked
+leaves (one stored tensor per layer) are assembled on the devices: the sharded leaf starts as zeros and each
+layer is written into it by a jitted, donating `dynamic_update_index_in_dim`, so no whole stacked leaf is
+ever built on the host. Peak host memory beyond what the devices hold: about two stored tensors (the stored
+one and its transform, or the transform and its device slices). The whole model is never on one device and
+never on the host.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ovjax.hf.files import CheckpointError, TensorSource
 from ovjax.hf.keymap import Entry, KeyMap
@@ -55,28 +59,50 @@ def check_keys(source: TensorSource, kmap: KeyMap, *, extra_ok: tuple[str, ...] 
     return stored
 
 
-def _read_leaf(source: TensorSource, stored: dict, kmap: KeyMap, entry: Entry, shape, dtype) -> np.ndarray:
-    buffer = np.empty(shape, dtype)
+def _stored_to_ours(source: TensorSource, stored: dict, entry: Entry, keys, want) -> np.ndarray:
+    arrays = [source.get(stored[k]) for k in keys]
+    shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
+    try:
+        value = entry.to_ours(*arrays)
+        ok = tuple(value.shape) == tuple(want)
+    except ValueError:
+        ok = False
+    del arrays  # the transform made its own copy (or is the stored array itself)
+    if not ok:
+        per = " per layer" if entry.stack else ""
+        raise CheckpointError(f"{source.path}: {stored[keys[0]]} has shape {shapes}, which does not fit the config "
+                              f"({'/'.join(entry.path)} is {tuple(want)}{per})")
+    return value
+
+
+def _layer_sharding(sharding):
+    """The sharding of one layer slice of a stacked leaf (the leading axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(shape, dtype, sharding):
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    put = jax.jit(lambda leaf, layer, n: jax.lax.dynamic_update_index_in_dim(leaf, layer, n, 0),
+                  donate_argnums=0, out_shardings=sharding)
+    return zeros, put
+
+
+def _read_leaf(source: TensorSource, stored: dict, kmap: KeyMap, entry: Entry, shape, dtype, sharding):
+    if not entry.stack:
+        value = _stored_to_ours(source, stored, entry, entry.hf, shape).astype(dtype, copy=False)
+        return place(value, sharding)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    zeros, put = _stacker(tuple(shape), np.dtype(dtype), sharding)
+    leaf, layer_sharding = zeros(), _layer_sharding(sharding)
     for n, keys in zip(kmap.layer_range(entry), kmap.stored_keys(entry)):
-        arrays = [source.get(stored[k]) for k in keys]
-        want = shape[1:] if entry.stack else shape
-        try:
-            value = entry.to_ours(*arrays)
-            ok = tuple(value.shape) == tuple(want)
-        except ValueError:
-            ok = False
-        if not ok:
-            got = ", ".join(str(tuple(a.shape)) for a in arrays)
-            raise CheckpointError(f"{source.path}: {stored[keys[0]]} has shape {got}, which does not fit the config "
-                                  f"({'/'.join(entry.path)} is {tuple(want)} per layer)" if entry.stack else
-                                  f"{source.path}: {stored[keys[0]]} has shape {got}, which does not fit the config "
-                                  f"({'/'.join(entry.path)} is {tuple(want)})")
-        if entry.stack:
-            buffer[n] = value
-        else:
-            buffer[...] = value
-        del arrays, value
-    return buffer
+        value = _stored_to_ours(source, stored, entry, keys, shape[1:]).astype(dtype, copy=False)
+        leaf = put(leaf, place(value, layer_sharding), np.int32(n))
+        del value
+    return leaf
 
 
 def read_params(source: TensorSource, kmap: KeyMap, target, *, stored: dict[str, str], dtype=None,
@@ -90,10 +116,10 @@ def read_params(source: TensorSource, kmap: KeyMap, target, *, stored: dict[str,
         leaf = _node(target, entry.path)
         if leaf is None:
             raise CheckpointError(f"the model has no parameter {'/'.join(entry.path)} (key map and model disagree)")
-        shape = tuple(leaf.shape)
-        host = _read_leaf(source, stored, kmap, entry, shape, np.dtype(dtype or leaf.dtype))
-        _set(out, entry.path, place(host, _node(shardings, entry.path) if shardings is not None else None))
-        del host
+        sharding = _node(shardings, entry.path) if shardings is not None else None
+        sharding = getattr(sharding, "sharding", sharding)
+        _set(out, entry.path, _read_leaf(source, stored, kmap, entry, tuple(leaf.shape),
+                                         np.dtype(dtype or leaf.dtype), sharding))
     return out
 
 
