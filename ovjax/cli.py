@@ -13,6 +13,9 @@ VERBS = {
     "train": ("ovjax.train.loop", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
     "eval": ("ovjax.eval", "held-out answer-scoring evaluation of a demo checkpoint (and its zero-image control)"),
     "demo": ("ovjax.demo", "the embedded end-to-end demo on CPU"),
+    "export": ("ovjax.hf.export_cmd", "a run's checkpoint -> a Hugging Face directory (transformers, lmms-eval)"),
+    "import": ("ovjax.hf.import_cmd", "a Hugging Face directory -> a workdir that train starts a stage from"),
+    "assemble": ("ovjax.hf.assemble_cmd", "stage 0: RICE-ViT (mlcd layout) + Qwen3 + fresh projector -> HF dir"),
 }
 
 

@@ -91,6 +91,7 @@ def write_hf(cfg, params, path: str, *, dtype=None, max_shard_bytes: int = files
 def copy_files(source: str | None, path: str, names) -> list[str]:
     """Copy the named side files (tokenizer, processor, ...) that exist in `source` into `path`."""
     copied = []
+    os.makedirs(path, exist_ok=True)
     if source and os.path.abspath(source) != os.path.abspath(path):
         for name in names:
             if os.path.isfile(os.path.join(source, name)):
