@@ -108,7 +108,7 @@ class SafetensorsFile:
         out = np.empty(count, dtype.newbyteorder("<"))
         with open(self.path, "rb") as f:
             f.seek(offset)
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            if f.readinto(out.view(np.uint8)) != out.nbytes:
                 raise CheckpointError(f"{self.path}: tensor {key!r} is truncated")
         return out.astype(dtype, copy=False).reshape(shape)
 
