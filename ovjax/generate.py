@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from PIL import Image
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     from ovjax.data import chat, images as images_lib
 
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if tok_dir is None:
         print(f"generate: no tokenizer.json found for {args.model}", file=sys.stderr)
         return 1
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    # The tokenizer file alone: AutoTokenizer would consult config.json's auto_map (remote code).
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"))
     template = chat.ChatTemplate(tok)
     pixels, grids = [], []
     for path in args.image:
