@@ -156,7 +156,8 @@ def config_to_hf(cfg, shapes, *, dtype_name: str, code_repo: str | None = REMOTE
     }
     if "visual" not in shapes:
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "dtype": dtype_name,
-                "tie_word_embeddings": tied, "rope_parameters": {"rope_type": "default", "rope_theta": float(t.rope_theta)},
+                "tie_word_embeddings": tied,
+                "rope_parameters": {"rope_type": "default", "rope_theta": float(t.rope_theta)},
                 **text}
     vis = shapes["visual"]
     depth, d = vis["blocks"]["norm1"]["scale"].shape

@@ -1,9 +1,10 @@
 """Safetensors I/O in the hub layout: the index, one-tensor-at-a-time reading, a streaming sharded writer.
 
-Only safetensors are read (never pickle), with plain reads (`SafetensorsFile`). Shard names in an index are checked to be plain file names in the
-checkpoint directory. The writer plans shards from shapes alone and writes each tensor's bytes as it comes, so
-a shard is never held in memory; the files are the standard format (8-byte header size, JSON header padded to
-8 bytes, raw little-endian data) that `safetensors.safe_open` and transformers read.
+Only safetensors are read (never pickle), with plain reads (`SafetensorsFile`). Shard names in an index are
+checked to be plain file names in the checkpoint directory. The writer plans shards from shapes alone and
+writes each tensor's bytes as it comes, so a shard is never held in memory; the files are the standard format
+(8-byte header size, JSON header padded to 8 bytes, raw little-endian data) that `safetensors.safe_open` and
+transformers read.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class SafetensorsFile:
                 start, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: tensor {key!r} has an unreadable header entry {info!r}") from None
-            if not 0 <= start <= end <= data_size or end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if not 0 <= start <= end <= data_size or end - start != nbytes:
                 raise CheckpointError(f"{path}: tensor {key!r} has data offsets that do not fit its shape or the file")
             self.entries[key] = (dtype, shape, 8 + n + start)
 
@@ -231,7 +233,8 @@ def _write_header(f, items, metadata: dict) -> None:
         if dt not in _DTYPES:
             raise CheckpointError(f"{key}: dtype {dt} cannot be written to safetensors here")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[key] = {"dtype": _DTYPES[dt], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": _DTYPES[dt], "shape": [int(s) for s in shape],
+                       "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -109,7 +109,7 @@ def patch_embed(d: int, channels: int, patch: int, temporal: int = 1):
 # ----------------------------------------------------------------------------------------------------------
 
 
-_LLAVA_ALIASES = (
+LLAVA_ALIASES = (
     (re.compile(r"^model\.visual\."), "visual."),
     (re.compile(r"^model\.language_model\."), "model."),
     (re.compile(r"^visual\.merger\.linear_fc1\."), "visual.merger.mlp.0."),
@@ -145,36 +145,48 @@ def text_entries(t) -> list[Entry]:
     return entries
 
 
+def _vit_entries(v, names: dict, qkv: list[Entry], temporal: int) -> list[Entry]:
+    """The RICE-ViT entries both stored layouts share; names[ours] is the stored name stem ("{n}" = layer)."""
+    d, heads = v.hidden_size, v.num_heads
+    V, B = ("visual",), ("visual", "blocks")
+    pe_in, pe_out = patch_embed(d, v.in_channels, v.patch_size, temporal)
+    p_in, p_out = heads_out(d, heads, d // heads)
+    norms = [one(f"{names[norm]}.{w}", B + (norm, "scale" if w == "weight" else "bias"), stack="vision")
+             for norm in ("norm1", "norm2") for w in ("weight", "bias")]
+    return [
+        Entry((names["patch_embed"],), V + ("patch_embed", "kernel"), pe_in, pe_out),
+        one(names["class_embedding"], V + ("class_embedding",)),
+        one(names["class_pos_emb"], V + ("class_pos_emb",)),
+        one(names["pre_layernorm"] + ".weight", V + ("pre_layernorm", "scale")),
+        one(names["pre_layernorm"] + ".bias", V + ("pre_layernorm", "bias")),
+        *norms, *qkv,
+        Entry((names["proj"] + ".weight",), B + ("proj", "kernel"), p_in, p_out, "vision"),
+        one(names["proj"] + ".bias", B + ("proj", "bias"), stack="vision"),
+        linear(names["fc1"] + ".weight", B + ("fc1", "kernel"), stack="vision"),
+        one(names["fc1"] + ".bias", B + ("fc1", "bias"), stack="vision"),
+        linear(names["fc2"] + ".weight", B + ("fc2", "kernel"), stack="vision"),
+        one(names["fc2"] + ".bias", B + ("fc2", "bias"), stack="vision"),
+    ]
+
+
 def vision_entries(v) -> list[Entry]:
-    """The RICE-ViT in the LLaVA-OV-1.5 hub layout (`visual.*`), merger included."""
+    """The RICE-ViT in the LLaVA-OV-1.5 hub layout (`visual.*`; fused qkv), merger excluded."""
     d, vh = v.hidden_size, v.num_heads
     vhd = d // vh
-    V, B = ("visual",), ("visual", "blocks")
+    B = ("visual", "blocks")
     n = "visual.blocks.{n}."
-    pe_in, pe_out = patch_embed(d, v.in_channels, v.patch_size, v.temporal_patch_size)
-    p_in, p_out = heads_out(d, vh, vhd)
-    return [
-        Entry(("visual.patch_embed.proj.weight",), V + ("patch_embed", "kernel"), pe_in, pe_out),
-        one("visual.class_embedding", V + ("class_embedding",)),
-        one("visual.class_pos_emb", V + ("class_pos_emb",)),
-        one("visual.pre_layernorm.weight", V + ("pre_layernorm", "scale")),
-        one("visual.pre_layernorm.bias", V + ("pre_layernorm", "bias")),
-        one(n + "norm1.weight", B + ("norm1", "scale"), stack="vision"),
-        one(n + "norm1.bias", B + ("norm1", "bias"), stack="vision"),
-        one(n + "norm2.weight", B + ("norm2", "scale"), stack="vision"),
-        one(n + "norm2.bias", B + ("norm2", "bias"), stack="vision"),
+    qkv = [
         Entry((n + "attn.qkv.weight",), B + ("qkv", "kernel"),  # [3D, D] -> [D, 3, heads, hd]
               lambda w: _c(w.reshape(3, vh, vhd, d).transpose(3, 0, 1, 2)),
               lambda k: (_c(k.transpose(1, 2, 3, 0).reshape(3 * d, d)),), "vision"),
         Entry((n + "attn.qkv.bias",), B + ("qkv", "bias"),
               lambda b: b.reshape(3, vh, vhd), lambda b: (b.reshape(3 * d),), "vision"),
-        Entry((n + "attn.proj.weight",), B + ("proj", "kernel"), p_in, p_out, "vision"),
-        one(n + "attn.proj.bias", B + ("proj", "bias"), stack="vision"),
-        linear(n + "mlp.fc1.weight", B + ("fc1", "kernel"), stack="vision"),
-        one(n + "mlp.fc1.bias", B + ("fc1", "bias"), stack="vision"),
-        linear(n + "mlp.fc2.weight", B + ("fc2", "kernel"), stack="vision"),
-        one(n + "mlp.fc2.bias", B + ("fc2", "bias"), stack="vision"),
     ]
+    names = {"patch_embed": "visual.patch_embed.proj.weight", "class_embedding": "visual.class_embedding",
+             "class_pos_emb": "visual.class_pos_emb", "pre_layernorm": "visual.pre_layernorm",
+             "norm1": n + "norm1", "norm2": n + "norm2", "proj": n + "attn.proj", "fc1": n + "mlp.fc1",
+             "fc2": n + "mlp.fc2"}
+    return _vit_entries(v, names, qkv, v.temporal_patch_size)
 
 
 def merger_entries() -> list[Entry]:
@@ -196,7 +208,7 @@ def key_map(cfg) -> KeyMap:
     if cfg.vision is not None:
         entries += vision_entries(cfg.vision) + merger_entries()
         layers["vision"] = cfg.vision.depth
-    return KeyMap(tuple(entries), layers, _LLAVA_ALIASES)
+    return KeyMap(tuple(entries), layers, LLAVA_ALIASES)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,10 +222,8 @@ _MLCD_IGNORED = (re.compile(r"^post_layernorm\."),)
 def mlcd_key_map(v) -> KeyMap:
     d, heads = v.hidden_size, v.num_heads
     hd = d // heads
-    V, B = ("visual",), ("visual", "blocks")
+    B = ("visual", "blocks")
     n = "encoder.layers.{n}."
-    pe_in, pe_out = patch_embed(d, v.in_channels, v.patch_size)
-    p_in, p_out = heads_out(d, heads, hd)
 
     def qkv_in(q, k, w):                 # three [D_out, D_in] -> [D, 3, heads, hd]
         return _c(np.stack([q, k, w]).reshape(3, heads, hd, d).transpose(3, 0, 1, 2))
@@ -222,26 +232,15 @@ def mlcd_key_map(v) -> KeyMap:
         w = kernel.transpose(1, 2, 3, 0).reshape(3, d, d)
         return tuple(_c(w[i]) for i in range(3))
 
-    qkv_keys = tuple(n + f"self_attn.{x}_proj.weight" for x in "qkv")
-    bias_keys = tuple(n + f"self_attn.{x}_proj.bias" for x in "qkv")
-    entries = (
-        Entry(("embeddings.patch_embedding.weight",), V + ("patch_embed", "kernel"), pe_in, pe_out),
-        one("embeddings.class_embedding", V + ("class_embedding",)),
-        one("class_pos_emb", V + ("class_pos_emb",)),
-        one("pre_layrnorm.weight", V + ("pre_layernorm", "scale")),
-        one("pre_layrnorm.bias", V + ("pre_layernorm", "bias")),
-        one(n + "layer_norm1.weight", B + ("norm1", "scale"), stack="vision"),
-        one(n + "layer_norm1.bias", B + ("norm1", "bias"), stack="vision"),
-        one(n + "layer_norm2.weight", B + ("norm2", "scale"), stack="vision"),
-        one(n + "layer_norm2.bias", B + ("norm2", "bias"), stack="vision"),
-        Entry(qkv_keys, B + ("qkv", "kernel"), qkv_in, qkv_out, "vision"),
-        Entry(bias_keys, B + ("qkv", "bias"), lambda q, k, w: np.stack([q, k, w]).reshape(3, heads, hd),
+    qkv = [
+        Entry(tuple(n + f"self_attn.{x}_proj.weight" for x in "qkv"), B + ("qkv", "kernel"), qkv_in, qkv_out,
+              "vision"),
+        Entry(tuple(n + f"self_attn.{x}_proj.bias" for x in "qkv"), B + ("qkv", "bias"),
+              lambda q, k, w: np.stack([q, k, w]).reshape(3, heads, hd),
               lambda b: tuple(b.reshape(3, d)[i] for i in range(3)), "vision"),
-        Entry((n + "self_attn.out_proj.weight",), B + ("proj", "kernel"), p_in, p_out, "vision"),
-        one(n + "self_attn.out_proj.bias", B + ("proj", "bias"), stack="vision"),
-        linear(n + "mlp.fc1.weight", B + ("fc1", "kernel"), stack="vision"),
-        one(n + "mlp.fc1.bias", B + ("fc1", "bias"), stack="vision"),
-        linear(n + "mlp.fc2.weight", B + ("fc2", "kernel"), stack="vision"),
-        one(n + "mlp.fc2.bias", B + ("fc2", "bias"), stack="vision"),
-    )
-    return KeyMap(entries, {"vision": v.depth}, _MLCD_ALIASES, _MLCD_IGNORED)
+    ]
+    names = {"patch_embed": "embeddings.patch_embedding.weight", "class_embedding": "embeddings.class_embedding",
+             "class_pos_emb": "class_pos_emb", "pre_layernorm": "pre_layrnorm", "norm1": n + "layer_norm1",
+             "norm2": n + "layer_norm2", "proj": n + "self_attn.out_proj", "fc1": n + "mlp.fc1",
+             "fc2": n + "mlp.fc2"}
+    return KeyMap(tuple(_vit_entries(v, names, qkv, 1)), {"vision": v.depth}, _MLCD_ALIASES, _MLCD_IGNORED)

@@ -23,7 +23,7 @@ from ovjax.hf.files import CheckpointError, TensorSource
 from ovjax.hf.keymap import Entry, KeyMap
 
 
-def _node(tree, path):
+def get_path(tree, path):
     for p in path:
         if not isinstance(tree, dict) or p not in tree:
             return None
@@ -31,7 +31,7 @@ def _node(tree, path):
     return tree
 
 
-def _set(tree: dict, path, value) -> None:
+def set_path(tree: dict, path, value) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
@@ -113,12 +113,12 @@ def read_params(source: TensorSource, kmap: KeyMap, target, *, stored: dict[str,
     device."""
     out: dict = {}
     for entry in kmap.entries:
-        leaf = _node(target, entry.path)
+        leaf = get_path(target, entry.path)
         if leaf is None:
             raise CheckpointError(f"the model has no parameter {'/'.join(entry.path)} (key map and model disagree)")
-        sharding = _node(shardings, entry.path) if shardings is not None else None
+        sharding = get_path(shardings, entry.path) if shardings is not None else None
         sharding = getattr(sharding, "sharding", sharding)
-        _set(out, entry.path, _read_leaf(source, stored, kmap, entry, tuple(leaf.shape),
+        set_path(out, entry.path, _read_leaf(source, stored, kmap, entry, tuple(leaf.shape),
                                          np.dtype(dtype or leaf.dtype), sharding))
     return out
 

@@ -20,7 +20,7 @@ from ovjax.hf.config import config_from_hf, vision_config_from_mlcd
 from ovjax.hf.files import CheckpointError, DictSource, TensorSource, read_json
 from ovjax.hf.loading import TIED_HEAD_NOTE, check_vocab, target_shardings
 from ovjax.hf.model import Model
-from ovjax.hf.reader import _node, _set, check_keys, place, read_params
+from ovjax.hf.reader import check_keys, get_path, place, read_params, set_path
 from ovjax.models.projector import PatchMerger
 from ovjax.models.vision import VisionTower
 from ovjax.models.vlm import abstract_params, dtype_of, freeze
@@ -49,7 +49,7 @@ def _text_map(cfg, tied_source: bool) -> keymap.KeyMap:
     if tied_source:   # the untied head is read from the embedding matrix
         entries = [e for e in entries if e.path[-1] != "lm_head"]
         entries.append(keymap.linear("model.embed_tokens.weight", ("language_model", "lm_head")))
-    return keymap.KeyMap(tuple(entries), {"text": cfg.text.num_layers}, keymap._LLAVA_ALIASES)
+    return keymap.KeyMap(tuple(entries), {"text": cfg.text.num_layers}, keymap.LLAVA_ALIASES)
 
 
 def fresh_merger(cfg, seed: int, dtype) -> dict:
@@ -81,10 +81,11 @@ def assemble_stage0(vit_path: str, llm_path: str, *, seed: int = 0, dtype: str =
     merger = fresh_merger(cfg, seed, np_dtype)
     for path, value in jax.tree_util.tree_flatten_with_path(merger)[0]:
         keys = ("merger",) + tuple(k.key for k in path)
-        want = _node(target, keys)
+        want = get_path(target, keys)
         if want is None or tuple(want.shape) != tuple(value.shape):
             raise CheckpointError(f"fresh merger param {'/'.join(keys)} does not fit the model")
-        _set(params, keys, place(np.asarray(value, np_dtype), _node(shardings, keys) if shardings is not None else None))
+        target_sharding = get_path(shardings, keys) if shardings is not None else None
+        set_path(params, keys, place(np.asarray(value, np_dtype), target_sharding))
     return Model(cfg, params)
 
 

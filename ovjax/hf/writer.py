@@ -19,12 +19,7 @@ from ovjax.hf import config as hf_config
 from ovjax.hf import files
 from ovjax.hf.files import CheckpointError
 from ovjax.hf.keymap import KeyMap, key_map
-
-
-def _leaf(params, path):
-    for p in path:
-        params = params[p]
-    return params
+from ovjax.hf.reader import get_path as _leaf
 
 
 def tensor_specs(kmap: KeyMap, params, dtype) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
