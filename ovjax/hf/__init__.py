@@ -9,8 +9,8 @@
 Modules, one job each: `keymap` (declarative tensor maps + transforms, LLaVA-OV-1.5/Qwen3 and MLCD),
 `config` (config.json <-> our config, unsupported values refused), `files` (safetensors index, streaming
 sharded writer), `reader` / `loading` (streamed import), `writer` (streamed export), `model` (the runtime
-wrapper), `stage0` (assembly), `sidefiles` (tokenizer/processor/chat template/generation files), `cli`
-(the export/import/assemble verbs).
+wrapper), `stage0` (assembly), `sidefiles` (tokenizer/processor/chat template/generation files),
+`export_cmd` / `import_cmd` / `assemble_cmd` (the verbs).
 """
 
 from __future__ import annotations
