@@ -14,6 +14,10 @@ VERBS = {
     "train": ("ovjax.train.command", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
     "eval": ("ovjax.eval", "held-out answer-scoring evaluation of a demo checkpoint (and its zero-image control)"),
     "demo": ("ovjax.demo", "the embedded end-to-end demo on CPU"),
+    "export": ("ovjax.hf.export_cmd", "a run's checkpoint -> a Hugging Face directory (transformers, lmms-eval)"),
+    "import": ("ovjax.hf.import_cmd", "a Hugging Face directory -> a workdir that train starts a stage from"),
+    "generate": ("ovjax.generate", "chat with a checkpoint (HF dir or workdir): KV cache, greedy or top-p sampling"),
+    "assemble": ("ovjax.hf.assemble_cmd", "stage 0: RICE-ViT (mlcd layout) + Qwen3 + fresh projector -> HF dir"),
 }
 
 

@@ -90,17 +90,38 @@ class VisionTower(nn.Module):
         x, _ = blocks(c, self.attention_impl, self.dtype, self.param_dtype, name="blocks")(x, cos, sin, segment_ids)
         out = x[:, :p]
         if c.get("remote_code_cls_shift", False):
-            out = _remote_code_cls_shift(out, x[:, p:], patch_segment)
+            out = _remote_code_cls_windows(out, x[:, p:], patch_segment)
         return out
 
 
-def _remote_code_cls_shift(patch_out, cls_out, patch_segment):
-    """The released remote code strips CLS tokens at the pre-CLS offsets, so every image after the first in a
-    call comes out shifted by one: [CLS_j, p_0, ..., p_{n-2}]. Reproduced (as an option) for logit parity.
+def _remote_code_cls_windows(patch_out, cls_out, patch_segment):
+    """The released remote code's CLS stripping, reproduced exactly (an option, for logit parity).
 
-    patch_out [B, P, D], cls_out [B, M, D], patch_segment [B, P] -> [B, P, D]."""
-    seg = patch_segment
-    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    shifted = jnp.concatenate([jnp.zeros_like(patch_out[:, :1]), patch_out[:, :-1]], axis=1)
-    own_cls = jnp.take_along_axis(cls_out, jnp.clip(seg - 1, 0, cls_out.shape[1] - 1)[..., None], axis=1)
-    return jnp.where((seg > 1)[..., None], jnp.where(first[..., None], own_cls, shifted), patch_out)
+    Upstream runs all images of a call as one flat buffer [CLS_0, image 0, CLS_1, image 1, ...] and then keeps,
+    for image k, the window [cu_k + 1, cu_{k+1} + 1) of that buffer, where cu_k counts only the *patches* of
+    the images before k (it ignores the k CLS tokens inserted before image k). So image k's window starts k
+    slots early: its first k-1 rows are the last k-1 outputs of image k-1 (further back if that image is
+    shorter), row k-1 is CLS_k's output, and rows k.. are its own patches 0..n_k-k-1 (its last k are lost).
+    Image 0 is exact; with two images this is "shifted by one", with more the displacement grows.
+
+    Images are numbered across the whole batch (as upstream's one ViT call sees them): segment s in any row
+    is image s-1; patches of an image are contiguous in its row.
+    patch_out [B, P, D], cls_out [B, M, D] (CLS j of segment j+1), patch_segment [B, P] -> [B, P, D]."""
+    b, p, d = patch_out.shape
+    m = cls_out.shape[1]
+    seg = patch_segment.reshape(-1).astype(jnp.int32)
+    flat = jnp.arange(b * p, dtype=jnp.int32)
+    valid = seg > 0
+    image = jnp.where(valid, seg - 1, m)                       # m collects the padding
+    sizes = jnp.zeros(m + 1, jnp.int32).at[image].add(1)[:m]
+    first = jnp.full(m + 1, b * p, jnp.int32).at[image].min(flat)[:m]   # flat index of each image's patch 0
+    cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)])
+    k = jnp.clip(image, 0, m - 1)
+    window = cu[k] + 1 + (flat - first[k])                     # upstream buffer slot this output row reads
+    cls_slot = cu[:m] + jnp.arange(m, dtype=jnp.int32)          # where CLS_j sits in the upstream buffer
+    src = jnp.clip(jnp.searchsorted(cls_slot, window, side="right") - 1, 0, m - 1)
+    q = window - cls_slot[src]                                 # 0: CLS_src, else patch q-1 of image src
+    from_patch = patch_out.reshape(b * p, d)[jnp.clip(first[src] + q - 1, 0, b * p - 1)]
+    from_cls = cls_out[jnp.clip(first[src] // p, 0, b - 1), src]
+    read = jnp.where((q == 0)[:, None], from_cls, from_patch)
+    return jnp.where(valid[:, None], read, patch_out.reshape(b * p, d)).reshape(b, p, d)
