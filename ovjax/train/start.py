@@ -55,19 +55,28 @@ def initial_state(cfg, setup, train_step, ckpt, log=print) -> Start:
         return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
                      f"params of {checkpoint.checkpoint_dir(src)} (step {prev.get('step')}), fresh optimizer")
     if cfg.init.from_hf:
-        from ovjax import hf
+        import os
 
-        model = hf.load(cfg.init.from_hf, remote_code_quirks=False)
+        from ovjax import hf
+        from ovjax.hf.files import read_json
+
+        src = cfg.init.from_hf
+        theirs_cfg = hf.config_from_hf(read_json(os.path.join(src, "config.json")),
+                                       where=os.path.join(src, "config.json"))
         keys = ("vision", "text", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         mine = {k: v for k, v in json.loads(cfg.to_json())["model"].items() if k in keys}
-        theirs = {k: v for k, v in json.loads(ml_collections.ConfigDict(model.cfg).to_json()).items() if k in keys}
+        if theirs_cfg.vision is not None:  # as hf.load(..., remote_code_quirks=False) sets it
+            theirs_cfg.vision.remote_code_cls_shift = False
+        theirs = {k: v for k, v in json.loads(ml_collections.ConfigDict(theirs_cfg).to_json()).items() if k in keys}
         diff = differences(mine, theirs)
         if diff:
-            raise ConfigError(f"init.from_hf={cfg.init.from_hf}: its config.json describes another model than "
+            raise ConfigError(f"init.from_hf={src}: its config.json describes another model than "
                               f"model.* of this run; they differ in {diff}")
-        params = jax.tree_util.tree_map(lambda x: jax.device_get(x), model.params)
-        return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
-                     f"imported {cfg.init.from_hf}, fresh optimizer")
+        # each tensor is read straight into the run's param shardings (never whole on one device)
+        model = hf.load(src, str(cfg.model.param_dtype), remote_code_quirks=False,
+                        shardings=setup.shardings.params)
+        return Start(state_lib.state_from_params(setup, model.params), 0, dict(zero), None,
+                     f"imported {src}, fresh optimizer")
     return Start(train_step.init(int(cfg.train.seed)), 0, dict(zero), None,
                  f"random init (train.seed={cfg.train.seed})")
 
