@@ -1,5 +1,8 @@
 """Flash attention in Pallas (Triton lowering): GQA, segment ids, causal or bidirectional, fwd + bwd.
 
+Why one file over 400 lines: the three kernels (fwd, dq, dk/dv), their block schedule and the custom_vjp
+share private block and mask helpers and one _Config; split apart they would need those privates exported.
+
 `flash_attention(q, k, v, segment_ids, causal)`: q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D], with
 exactly the semantics of `kernels/reference.py` (a query sees the keys of its own segment id; id 0 is an
 ordinary id, so padding sees padding and no row is empty).
@@ -239,6 +242,22 @@ def _scores(a, b, scale):
     return s * scale
 
 
+def _key_block(t, q, q_pos, seg_q, sched_ref, segk_ref, k_ref, v_ref, bk: int, scale, cfg: _Config, masked: bool):
+    """The t-th scheduled key block of a query block: k, v [bk, Dp] and the (masked) log2-scaled scores
+    s [bq, bk]; the forward and dq kernels share it."""
+    start = pl.multiple_of(sched_ref[2 + t] * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s = _scores(q, k, scale)
+    if masked:
+        k_pos = start + jnp.arange(bk, dtype=jnp.int32)
+        seg_k = segk_ref[pl.ds(start, bk)] if cfg.use_segments else None
+        mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=False)
+        if mask is not None:
+            s = jnp.where(mask, s, _MASK_VALUE)
+    return k, v, s
+
+
 def _fwd_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     """One query block of one head: o [bq, Dp], lse [bq] (base-2 log-sum-exp of the scaled logits)."""
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -250,16 +269,7 @@ def _fwd_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, o_ref, lse_r
 
     def step(t, carry, masked):
         acc, m, l = carry
-        start = pl.multiple_of(sched_ref[2 + t] * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _scores(q, k, scale)
-        if masked:
-            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
-            seg_k = segk_ref[pl.ds(start, bk)] if cfg.use_segments else None
-            mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=False)
-            if mask is not None:
-                s = jnp.where(mask, s, _MASK_VALUE)
+        k, v, s = _key_block(t, q, q_pos, seg_q, sched_ref, segk_ref, k_ref, v_ref, bk, scale, cfg, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -291,16 +301,7 @@ def _dq_kernel(sched_ref, segq_ref, segk_ref, q_ref, k_ref, v_ref, do_ref, lse_r
     scale = cfg.sm_scale * _LOG2E
 
     def step(t, dq, masked):
-        start = pl.multiple_of(sched_ref[2 + t] * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _scores(q, k, scale)
-        if masked:
-            k_pos = start + jnp.arange(bk, dtype=jnp.int32)
-            seg_k = segk_ref[pl.ds(start, bk)] if cfg.use_segments else None
-            mask = _visible(q_pos, k_pos, seg_q, seg_k, cfg, transposed=False)
-            if mask is not None:
-                s = jnp.where(mask, s, _MASK_VALUE)
+        k, v, s = _key_block(t, q, q_pos, seg_q, sched_ref, segk_ref, k_ref, v_ref, bk, scale, cfg, masked)
         p = jnp.exp2(s - lse[:, None])
         dp = _scores(do, v, 1.0)
         ds = p * (dp - delta[:, None])
