@@ -1,7 +1,7 @@
 """Attention check and benchmark: ovjax's Pallas flash kernel vs the XLA reference and cuDNN.
 
 Why one file over 400 lines: launch/gpu_check.sh calls its sections piece by piece on a bare GPU image,
-so check, bench, probes and sweep live in one importable module with no ovjax dependencies beyond the kernel.
+so check, bench, probes and sweep live in one importable module that needs only jax and the kernels.
 
 Run on a GPU through `bash launch/gpu_check.sh` (which also writes $OUT/gpu_check.json), or alone:
     python -m ovjax.bench.attention [--smoke] [--json PATH]
