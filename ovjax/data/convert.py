@@ -8,7 +8,12 @@ Inputs (any mix; read JSON files, then parquet globs, then tar globs, each in th
                                  {"bytes", "path"} struct HF datasets writes); '**' matches nested folders.
   --wds GLOB                     webdataset tars: members <key>.<ext> grouped by key; <key>.json holds
                                  "conversations" / "messages" or "caption"; images <key>.jpg|jpeg|png|webp
-                                 (several: <key>.img0.jpg, <key>.img1.jpg, ... in numeric order). Read with
+                                 (several: <key>.img0.jpg, <key>.img1.jpg, ... in numeric order). The
+                                 upstream layouts too: <key>.json a JSON list of messages (chat samples);
+                                 {"texts", "media", "name"} with members <key>.0_<file>, ... (mixed media;
+                                 "video" rejected as video_unsupported); {"images", "captions", "prompts"}
+                                 with <key>.img0.jpg, ... (caption packs: one sample per image, id
+                                 <tar>:<key>:<i>). Read with
                                  tarfile in memory, never extracted; members with absolute paths, '..' or
                                  that are links/devices reject their sample.
 A caption becomes user "<image>" (or "<image>\\n" + --caption-prompt) + assistant caption.
@@ -43,6 +48,7 @@ CONVERT_REASONS = (
     "bad_image_path",       # an image path that is absolute, has '..', or resolves outside the image root
     "unsafe_tar_member",    # a tar member with an absolute path, '..', or that is not a regular file
     "missing_json",         # a webdataset sample without its <key>.json
+    "video_unsupported",    # a webdataset mixed-media sample whose media is "video" (no video path yet)
     "too_long",             # more tokens than --seq-len
     "duplicate_id",         # a sample id seen before in this run
 )
