@@ -322,3 +322,25 @@ def test_webdataset_upstream_layouts(tok_dir, tok, tmp_path):
     user = lambda r: tok.decode(r["tokens"]).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]  # noqa: E731
     vision = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
     assert [user(r) for r in recs[3:6]] == [vision + "\nDescribe.", vision, vision + "\nWhat colour?"]
+
+
+def test_max_side_caps_the_longest_side(tok_dir, tmp_path):
+    from PIL import Image
+    import io as stdio
+
+    root = tmp_path / "wds"
+    j = lambda obj: json.dumps(obj).encode()  # noqa: E731
+    wide, small = png_bytes(100, 200, seed=1), png_bytes(40, 60, seed=2)
+    write_tar(root / "s.tar", [("w.png", wide), ("w.json", j({"caption": "Wide."})),
+                               ("s.png", small), ("s.json", j({"caption": "Small."}))])
+    out = tmp_path / "out"
+    m = convert.convert(out_dir=out, params=convert.Params(tokenizer=str(tok_dir), seq_len=SEQ_LEN, max_side=100),
+                        wds_globs=[str(root / "*.tar")], max_reject_fraction=0)
+    assert m["parameters"]["max_side"] == 100
+    recs = read_records(out, m)
+    capped = Image.open(stdio.BytesIO(recs[0]["images"][0]))
+    assert capped.format == "PNG" and capped.size == (100, 50)  # (w, h): the 200 px side scaled to 100
+    assert recs[0]["grids"].tolist() == [[1, 4, 8]]  # smart_resize of 50 x 100 (uncapped 100 x 200: 8 x 14)
+    assert recs[1]["images"] == [small]  # under the cap: the original bytes
+    assert convert.main(["--tokenizer", str(tok_dir), "--out", str(tmp_path / "x"), "--wds", "a", "--max-side",
+                         "-1"]) == 2
