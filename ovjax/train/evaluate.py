@@ -117,6 +117,7 @@ class Evaluator:
 
     def __call__(self, params, step: int) -> dict:
         """One pass over the eval set -> the metrics.jsonl record of `step`."""
+        jax.block_until_ready(params)  # the train step that made them is not eval time
         t0 = time.perf_counter()
         sums = dict.fromkeys(("loss_sum", "supervised", "hits", "exact", "samples"), 0.0)
         loader = self._loader()

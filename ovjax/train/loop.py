@@ -89,7 +89,9 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                 if first:
                     tally.start_clock()  # rates count the steps after the first (compile) one
             if evaluator is not None and evaluator.due(step, total):
-                writer.write_eval(evaluator(state.params, step))
+                record = evaluator(state.params, step)
+                tally.exclude(record["eval/seconds"])  # rates are of training steps only
+                writer.write_eval(record)
             if is_save:
                 ckpt.save(step, state, loader.get_state(),
                           {"step": step, "counters": dict(tally.counters), "config": cfg.to_json()})

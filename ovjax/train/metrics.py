@@ -107,6 +107,11 @@ class Tally:
     def start_clock(self) -> None:
         self._t0, self._tokens, self._steps = time.perf_counter(), 0.0, 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of host time (a held-out evaluation) out of the current interval's rates."""
+        if self._t0 is not None:
+            self._t0 += seconds
+
     def record(self, step: int, epoch: float) -> dict:
         from ovjax.train import flops as flops_lib
 
