@@ -2,6 +2,12 @@
 
 Recipe (spec/model.md section 7): lr 1e-5, weight decay 0, beta2 0.99, eps 1e-5, clip 1.0, warmup 0.002,
 cosine to 1e-6, global batch 224 rows, 3500 steps. CLS embedding and angles stay frozen (as upstream).
+Images: the upstream caps the longest side at 1000 px before smart_resize (`convert --max-side 1000`); rows
+take the default budgets (16368 patches, 16 images):
+
+    python -m ovjax convert --wds 'data/sft/*.tar' --tokenizer TOK --out data/raw-sft --max-side 1000
+    python -m ovjax pack --input data/raw-sft --out data/packed-s2 --seq-len 8192 --max-patches 16368 \
+        --max-segments 64 --max-images 16
 
     python -m ovjax train --config configs/stage2.py:tiny --workdir /tmp/ov-stage2-tiny
     python -m ovjax train --config configs/stage2.py:8b --workdir DIR --config.mesh.fsdp=-1

@@ -8,12 +8,17 @@ Inputs (any mix; read JSON files, then parquet globs, then tar globs, each in th
                                  {"bytes", "path"} struct HF datasets writes); '**' matches nested folders.
   --wds GLOB                     webdataset tars: members <key>.<ext> grouped by key; <key>.json holds
                                  "conversations" / "messages" or "caption"; images <key>.jpg|jpeg|png|webp
-                                 (several: <key>.img0.jpg, <key>.img1.jpg, ... in numeric order). Read with
+                                 (several: <key>.img0.jpg, <key>.img1.jpg, ... in numeric order). The
+                                 upstream layouts too: <key>.json a JSON list of messages (chat samples);
+                                 {"texts", "media", "name"} with members <key>.0_<file>, ... (mixed media;
+                                 "video" rejected as video_unsupported); {"images", "captions", "prompts"}
+                                 with <key>.img0.jpg, ... (caption packs: one sample per image, id
+                                 <tar>:<key>:<i>). Read with
                                  tarfile in memory, never extracted; members with absolute paths, '..' or
                                  that are links/devices reject their sample.
 A caption becomes user "<image>" (or "<image>\\n" + --caption-prompt) + assistant caption.
 
-Per sample: load and fully decode every image, smart_resize grid, chat template with image expansion and
+Per sample: load and fully decode every image, cap its longest side (--max-side, re-encoded as PNG), smart_resize grid, chat template with image expansion and
 assistant loss mask (ovjax.data.chat), length <= --seq-len. Failures are rejected with a reason from
 `REJECT_REASONS`, written to rejects.jsonl and counted in the manifest; past --max-reject-fraction
 (checked once --abort-min-samples samples were seen, and at the end) the run aborts with exit code 1, the
@@ -43,6 +48,7 @@ CONVERT_REASONS = (
     "bad_image_path",       # an image path that is absolute, has '..', or resolves outside the image root
     "unsafe_tar_member",    # a tar member with an absolute path, '..', or that is not a regular file
     "missing_json",         # a webdataset sample without its <key>.json
+    "video_unsupported",    # a webdataset mixed-media sample whose media is "video" (no video path yet)
     "too_long",             # more tokens than --seq-len
     "duplicate_id",         # a sample id seen before in this run
 )
@@ -67,6 +73,22 @@ class Params:
     merge_size: int = images.MERGE_SIZE
     caption_prompt: str = ""
     default_system: str = chat.DEFAULT_SYSTEM
+    max_side: int = 0          # longest image side in pixels before smart_resize (0 = no cap); upstream stage 2: 1000
+
+
+def cap_longest_side(image, max_side: int) -> tuple[object, bytes]:
+    """An RGB PIL image whose longest side is over `max_side` -> (the image scaled down to it, aspect kept,
+    bicubic; its PNG bytes). The raw record stores these bytes, so the loader sees the capped image."""
+    import io as stdio
+
+    from PIL import Image
+
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    small = image.resize(size, Image.BICUBIC)
+    buf = stdio.BytesIO()
+    small.save(buf, format="PNG")
+    return small, buf.getvalue()
 
 
 def resolve_image_path(root: str, rel) -> str:
@@ -114,6 +136,8 @@ class Worker:
             for ref in s.images:
                 data = self._load(ref)
                 im = images.decode_image(data)
+                if p.max_side and max(im.size) > p.max_side:
+                    im, data = cap_longest_side(im, p.max_side)
                 grids.append(images.image_grid(im.height, im.width, patch_size=p.patch_size,
                                                merge_size=p.merge_size, min_pixels=p.min_pixels,
                                                max_pixels=p.max_pixels))
@@ -295,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq-len", type=int, default=8192, help="reject samples with more tokens")
     ap.add_argument("--min-pixels", type=int, default=images.MIN_PIXELS)
     ap.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS)
+    ap.add_argument("--max-side", type=int, default=0,
+                    help="scale images whose longest side is over this many pixels down to it before "
+                         "smart_resize, stored as PNG (0 = no cap; the upstream's stage 2 uses 1000)")
     ap.add_argument("--records-per-shard", type=int, default=10000)
     ap.add_argument("--max-reject-fraction", type=float, default=0.05)
     ap.add_argument("--abort-min-samples", type=int, default=1000,
@@ -307,12 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.records_per_shard < 1 or args.seq_len < 1:
-        print("convert: --records-per-shard and --seq-len must be positive", file=sys.stderr)
+    if args.records_per_shard < 1 or args.seq_len < 1 or args.max_side < 0:
+        print("convert: --records-per-shard and --seq-len must be positive, --max-side >= 0", file=sys.stderr)
         return 2
     params = Params(tokenizer=args.tokenizer, seq_len=args.seq_len, min_pixels=args.min_pixels,
                     max_pixels=args.max_pixels, caption_prompt=args.caption_prompt,
-                    default_system=args.default_system)
+                    default_system=args.default_system, max_side=args.max_side)
     try:
         m = convert(out_dir=args.out, params=params, json_files=args.json, image_root=args.image_root,
                     parquet_globs=args.parquet, wds_globs=args.wds, id_column=args.id_column,

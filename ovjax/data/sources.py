@@ -2,7 +2,8 @@
 
   LLaVA JSON (a list) or JSONL     `iter_llava_json`: {"id", "image": path | [paths], "conversations": [...]}
   parquet id / image / caption     `iter_parquet`: image bytes, or the {"bytes", "path"} struct HF datasets writes
-  webdataset tars                  `iter_wds`: members <key>.<ext> grouped by key, read in memory, never extracted
+  webdataset tars                  `iter_wds`: members <key>.<ext> grouped by key, read in memory, never extracted;
+                                   chat lists, mixed media and caption packs too (`_wds_samples`)
 
 A sample the reader cannot use carries `error` = (reason, detail) and is rejected by convert; a file that
 cannot be read at all raises ConvertError.
@@ -148,33 +149,99 @@ def _natural_key(ext: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", ext)]
 
 
+def _messages(doc):
+    """A JSON list of chat messages ({role, content} or {from, value}) or None when `doc` is not one."""
+    if isinstance(doc, list) and doc and all(isinstance(m, dict) for m in doc):
+        return doc
+    return None
+
+
+def _wds_samples(rel: str, key: str, doc, parts: dict, prompt: str) -> list[SourceSample]:
+    """The samples of one webdataset key whose <key>.json parsed to `doc`; `parts` maps the lower-cased
+    member suffix after '<key>.' to its bytes. Layouts (first match wins):
+
+      [messages...]                                    chat sample; images = every image member, natural order
+      {"conversations"|"messages": [...]}              the same, wrapped in a map
+      {"caption": str}                                 one caption sample
+      {"texts": [...], "media": "image"|"video",       mixed media; images = the members `name` lists
+       "name": [member suffixes, e.g. "0_a.jpg"]}      (in that order); video -> video_unsupported
+      {"images": [...], "captions": [...],             caption pack: one caption sample per image, id
+       "prompts": [...] (optional)}                    <rel>:<key>:<i>
+    """
+    meta = {"source": rel, "key": key}
+    sid = f"{rel}:{key}"
+
+    def bad(reason, detail, sample_id=sid, sample_meta=meta):
+        return SourceSample(sample_id, meta=sample_meta, error=(reason, detail))
+
+    def all_images():
+        return [ImageRef(data=parts[ext]) for ext in sorted(parts, key=_natural_key)]
+
+    conv = _messages(doc)
+    if conv is not None:
+        return [SourceSample(sid, conv, all_images(), meta)]
+    if not isinstance(doc, dict):
+        return [bad("malformed_record", f"{key}.json is neither a map nor a list of messages")]
+    if "texts" in doc or "media" in doc:
+        media, names, texts = doc.get("media"), doc.get("name"), _messages(doc.get("texts"))
+        if media == "video":
+            return [bad("video_unsupported", f"{key}.json is a video sample; video is not supported yet")]
+        if media != "image":
+            return [bad("malformed_record", f"{key}.json media is {media!r}, expected 'image' or 'video'")]
+        if texts is None:
+            return [bad("malformed_record", f"{key}.json texts is not a list of messages")]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return [bad("malformed_record", f"{key}.json name is not a list of member names")]
+        missing = [n for n in names if n.lower() not in parts]
+        if missing:
+            return [bad("missing_image", f"{key}.json names {missing[0]!r}, no member {key}.{missing[0]} in the tar")]
+        return [SourceSample(sid, texts, [ImageRef(data=parts[n.lower()]) for n in names], meta)]
+    if "images" in doc or "captions" in doc:
+        names, captions, prompts = doc.get("images"), doc.get("captions"), doc.get("prompts")
+        if not (isinstance(names, list) and isinstance(captions, list) and len(names) == len(captions) > 0):
+            return [bad("malformed_record", f"{key}.json images and captions must be lists of the same "
+                                            "non-zero length")]
+        if prompts is not None and not (isinstance(prompts, list) and len(prompts) == len(names)):
+            return [bad("malformed_record", f"{key}.json prompts must be a list as long as images")]
+        out = []
+        for i, (name, caption) in enumerate(zip(names, captions)):
+            m, isid = {**meta, "index": str(i)}, f"{sid}:{i}"
+            p = prompts[i] if prompts is not None else prompt
+            if not isinstance(name, str) or name.lower() not in parts:
+                out.append(bad("missing_image", f"image {i} {name!r}: no member {key}.{name} in the tar", isid, m))
+            elif not isinstance(caption, str) or not isinstance(p, str):
+                out.append(bad("malformed_record", f"caption/prompt {i} is not a string", isid, m))
+            else:
+                conv = ([{"role": "user", "content": p}, {"role": "assistant", "content": caption}]
+                        if chat.IMAGE_PLACEHOLDER in p else caption_conversation(caption, p))
+                out.append(SourceSample(isid, conv, [ImageRef(data=parts[name.lower()])], m))
+        return out
+    conv = doc.get("conversations", doc.get("messages"))
+    if conv is None and "caption" in doc:
+        if not isinstance(doc["caption"], str):
+            return [bad("malformed_record", "caption is not a string")]
+        conv = caption_conversation(doc["caption"], prompt)
+    if conv is None:
+        return [bad("malformed_record", f"{key}.json has no conversations, messages, caption, texts or images")]
+    return [SourceSample(sid, conv, all_images(), meta)]
+
+
 def iter_wds(path: str, base: str, *, prompt: str, ignored: collections.Counter) -> Iterator[SourceSample]:
-    """Samples of one webdataset tar: consecutive members sharing a key form a sample."""
+    """Samples of one webdataset tar: consecutive members sharing a key form a sample (see `_wds_samples`)."""
     rel = os.path.relpath(path, base)
 
-    def build(key: str, parts: dict, error) -> SourceSample:
+    def build(key: str, parts: dict, error) -> list[SourceSample]:
         meta = {"source": rel, "key": key}
         sid = f"{rel}:{key}"
         if error:
-            return SourceSample(sid, meta=meta, error=error)
+            return [SourceSample(sid, meta=meta, error=error)]
         if "json" not in parts:
-            return SourceSample(sid, meta=meta, error=("missing_json", f"no {key}.json in the tar"))
+            return [SourceSample(sid, meta=meta, error=("missing_json", f"no {key}.json in the tar"))]
         try:
             doc = json.loads(parts.pop("json").decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json: {e}"))
-        if not isinstance(doc, dict):
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json is not a map"))
-        refs = [ImageRef(data=parts[ext]) for ext in sorted(parts, key=_natural_key)]
-        conv = doc.get("conversations", doc.get("messages"))
-        if conv is None and "caption" in doc:
-            if not isinstance(doc["caption"], str):
-                return SourceSample(sid, meta=meta, error=("malformed_record", "caption is not a string"))
-            conv = caption_conversation(doc["caption"], prompt)
-        if conv is None:
-            return SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json has no conversations, "
-                                                                           "messages or caption"))
-        return SourceSample(sid, conv, refs, meta)
+            return [SourceSample(sid, meta=meta, error=("malformed_record", f"{key}.json: {e}"))]
+        return _wds_samples(rel, key, doc, parts, prompt)
 
     try:
         with tarfile.open(path, mode="r:*") as tf:
@@ -188,7 +255,7 @@ def iter_wds(path: str, base: str, *, prompt: str, ignored: collections.Counter)
                 mkey = (dirname + "/" if dirname else "") + stem
                 if mkey != key:
                     if key is not None:
-                        yield build(key, parts, error)
+                        yield from build(key, parts, error)
                     key, parts, error = mkey, {}, None
                 if unsafe_member_name(name):
                     error = error or ("unsafe_tar_member", f"member {name!r} has an absolute path or '..'")
@@ -205,6 +272,6 @@ def iter_wds(path: str, base: str, *, prompt: str, ignored: collections.Counter)
                 else:
                     ignored[ext or "(none)"] += 1
             if key is not None:
-                yield build(key, parts, error)
+                yield from build(key, parts, error)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ConvertError(f"cannot read tar {path}: {type(e).__name__}: {e}") from e

@@ -1,6 +1,6 @@
 """The whole schema of a training run (`configs/stage*.py` start from these; nothing adds fields later).
 
-Sections: model (a preset of configs/models.py), mesh, optim, train, checkpoint, init, data.
+Sections: model (a preset of configs/models.py), mesh, optim, train, checkpoint, init, data, eval.
 `validate(cfg)` checks what the loop needs of them.
 """
 
@@ -77,6 +77,12 @@ def data_config(**kw) -> ml_collections.ConfigDict:
     return cfg
 
 
+def eval_config(every: int = 0, batches: int = 0) -> ml_collections.ConfigDict:
+    """Held-out evaluation of `data.eval` (ovjax/train/evaluate.py) every `every` steps and at the last step
+    (every=0: the last step only); `batches` caps the batches scored (0 = the whole set)."""
+    return ml_collections.ConfigDict(dict(every=every, batches=batches))
+
+
 def model_config(name: str, **runtime) -> ml_collections.ConfigDict:
     """A model preset; big presets default to bf16 compute, full remat and the automatic attention kernel."""
     cfg = preset(name)
@@ -95,6 +101,7 @@ def base_config(model: str = "tiny") -> ml_collections.ConfigDict:
     cfg.checkpoint = checkpoint_config()
     cfg.init = init_config()
     cfg.data = data_config()
+    cfg.eval = eval_config()
     if model == "tiny":
         cfg.train.update(dict(steps=20, log_every=5, batch_size=8, seq_len=64, max_patches=64, max_images=4,
                               loss_chunk=32))
@@ -117,5 +124,10 @@ def validate(cfg) -> None:
         raise ConfigError(f"checkpoint.keep must be >= 1, got {c.keep}")
     if cfg.init.from_checkpoint and cfg.init.from_hf:
         raise ConfigError("set at most one of init.from_checkpoint and init.from_hf")
+    if cfg.data.eval:
+        for key in ("every", "batches"):
+            v = cfg.eval.get(key) if "eval" in cfg else None
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"data.eval is set: eval.{key} must be an int >= 0, got {v!r}")
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.micro_batches {t.micro_batches}")

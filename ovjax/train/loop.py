@@ -13,7 +13,8 @@ them in `skipped_updates`.
 
 Outputs under DIR: checkpoints/ (Orbax: state, data iterator, counters; every `checkpoint.every` steps and
 at the end, `checkpoint.keep` kept), metrics.jsonl (one object per logged step), tb/ (TensorBoard),
-config.json (the resolved config).
+config.json (the resolved config). With `data.eval` set, a held-out pass every `eval.every` steps and at the
+last step (ovjax/train/evaluate.py) adds an "eval/..." line to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     import jax
 
     from ovjax import checkpoint, sharding
-    from ovjax.train import dataset, metrics, start as start_lib, state as state_lib, step as step_lib
+    from ovjax.train import dataset, evaluate, metrics, start as start_lib, state as state_lib, step as step_lib
 
     t_start = time.perf_counter()
     run_config.validate(cfg)
@@ -53,6 +54,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                                    async_save=cfg.checkpoint.async_save)
     start = start_lib.initial_state(cfg, setup, train_step, ckpt, log)
     loader = dataset.make_loader(cfg, data_dir, setup.mesh)
+    evaluator = evaluate.Evaluator(cfg, setup, train_step, log) if cfg.data.eval else None
     if start.data_state is not None:
         loader.set_state(start.data_state)
     step_flops, peak = startup_report(cfg, setup, workdir, data_dir, loader, start, log)
@@ -65,6 +67,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     state, pending, first_step_s = start.state, None, None
     if start.step >= total:
         done = metrics.read_jsonl(workdir / "metrics.jsonl")
+        done = [r for r in done if "loss" in r]  # eval lines have no "loss"
         tally.last = {"loss": done[-1]["loss"]} if done else {}
         log(f"step {start.step} of {total} is done already (checkpoint {ckpt.latest_step()}); nothing to train")
     try:
@@ -85,6 +88,10 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
                     writer.write(tally.record(step, loader.epoch))
                 if first:
                     tally.start_clock()  # rates count the steps after the first (compile) one
+            if evaluator is not None and evaluator.due(step, total):
+                record = evaluator(state.params, step)
+                tally.exclude(record["eval/seconds"])  # rates are of training steps only
+                writer.write_eval(record)
             if is_save:
                 ckpt.save(step, state, loader.get_state(),
                           {"step": step, "counters": dict(tally.counters), "config": cfg.to_json()})

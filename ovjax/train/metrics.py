@@ -107,6 +107,11 @@ class Tally:
     def start_clock(self) -> None:
         self._t0, self._tokens, self._steps = time.perf_counter(), 0.0, 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of host time (a held-out evaluation) out of the current interval's rates."""
+        if self._t0 is not None:
+            self._t0 += seconds
+
     def record(self, step: int, epoch: float) -> dict:
         from ovjax.train import flops as flops_lib
 
@@ -187,14 +192,8 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: _plain(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        clean = self._append(record)
         step = int(clean["step"])
-        if self._tb is not None:
-            for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
         r = {k: (math.nan if v is None else v) for k, v in clean.items()}
         line = (f"step {step}/{self.total_steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
                 f"grad_norm {r['grad_norm']:.3f}  tok/s {r['tokens_per_s']:.0f}  mfu {r['mfu']:.2%}")
@@ -203,6 +202,27 @@ class MetricsWriter:
             self._bar.set_postfix_str(f"loss {r['loss']:.4f} tok/s {r['tokens_per_s']:.0f}")
         else:
             print(line, flush=True)
+
+    def _append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One line of metrics.jsonl and its numbers as TensorBoard scalars at record["step"]."""
+        clean = {k: _plain(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, int(clean["step"]))
+        return clean
+
+    def write_eval(self, record: dict[str, Any]) -> None:
+        """A held-out evaluation (ovjax/train/evaluate.py): its own metrics.jsonl line ("eval/..." keys, no
+        "loss"), TensorBoard scalars and a printed line."""
+        if not self.enabled:
+            return
+        clean = self._append(record)
+        self.note(f"eval at step {clean['step']}: " + "  ".join(
+            f"{k[5:]} {v:.4f}" if isinstance(v, float) else f"{k[5:]} {v}"
+            for k, v in clean.items() if k.startswith("eval/")))
 
     def note(self, text: str) -> None:
         if not self.enabled:

@@ -258,3 +258,89 @@ def test_reject_reasons_list():
                    "too_long", "bad_image_path", "unsafe_tar_member"):
         assert reason in convert.REJECT_REASONS
     assert len(set(convert.REJECT_REASONS)) == len(convert.REJECT_REASONS)
+
+
+def test_webdataset_upstream_layouts(tok_dir, tok, tmp_path):
+    """Chat lists, mixed media and caption packs: every good sample kept, each bad one rejected with a reason,
+    caption packs split into one sample per image."""
+    root = tmp_path / "wds"
+    j = lambda obj: json.dumps(obj).encode()  # noqa: E731
+    a, b, c, d = (png_bytes(56, 56, seed=i) for i in range(4))
+    chat_rc = [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A dog."}]
+    chat_fv = [{"from": "human", "value": "<image>\nAnd?"}, {"from": "gpt", "value": "A cat."}]
+    two = [{"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": "No."}]
+    write_tar(root / "chat.tar", [
+        ("c0.jpg", jpeg_bytes(56, 56)), ("c0.json", j(chat_rc)),
+        ("c1.png", a), ("c1.json", j(chat_fv)),
+        ("c2.png", a), ("c2.json", j([])),                                        # empty list: bad
+        ("c3.png", a), ("c3.json", j(["not a message"])),                         # bad
+        ("c4.json", j(chat_rc)),                                                  # no image for <image>: bad
+    ])
+    write_tar(root / "mixed.tar", [
+        ("m0.json", j({"texts": two, "media": "image", "name": ["0_b.png", "1_a.png"]})),
+        ("m0.0_b.png", b), ("m0.1_a.png", a),
+        ("m1.json", j({"texts": chat_rc, "media": "video", "name": ["0_v.mp4"]})), ("m1.0_v.mp4", b"video"),
+        ("m2.json", j({"texts": chat_rc, "media": "image", "name": ["0_gone.png"]})),  # member missing
+        ("m3.json", j({"texts": "hello", "media": "image", "name": ["0_x.png"]})), ("m3.0_x.png", a),
+        ("m4.json", j({"texts": chat_rc, "media": "audio", "name": ["0_x.png"]})), ("m4.0_x.png", a),
+    ])
+    write_tar(root / "pack.tar", [
+        ("p0.json", j({"images": ["img0.png", "img1.png", "img2.png"], "captions": ["Red.", "Green.", "Blue."],
+                       "prompts": ["Describe.", "", "<image>\nWhat colour?"]})),
+        ("p0.img0.png", b), ("p0.img1.png", c), ("p0.img2.png", d),
+        ("p1.json", j({"images": ["img0.png", "img1.png"], "captions": ["One.", 7]})),      # caption 1 bad
+        ("p1.img0.png", a), ("p1.img1.png", b),
+        ("p2.json", j({"images": ["img0.png", "img9.png"], "captions": ["Here.", "Gone."]})),  # img9 missing
+        ("p2.img0.png", c),
+        ("p3.json", j({"images": ["img0.png"], "captions": ["A.", "B."]})), ("p3.img0.png", a),  # lengths differ
+        ("p4.json", j({"images": ["img0.png"], "captions": ["A."], "prompts": []})), ("p4.img0.png", a),
+    ])
+    out = tmp_path / "out"
+    params = convert.Params(tokenizer=str(tok_dir), seq_len=SEQ_LEN)
+    m = convert.convert(out_dir=out, params=params, wds_globs=[str(root / "*.tar")], max_reject_fraction=1)
+    rejects = check_manifest(out, m)
+    by_id = {r["id"]: r["reason"] for r in rejects}
+    assert by_id == {
+        "chat.tar:c2": "malformed_record", "chat.tar:c3": "malformed_record", "chat.tar:c4": "placeholder_mismatch",
+        "mixed.tar:m1": "video_unsupported", "mixed.tar:m2": "missing_image", "mixed.tar:m3": "malformed_record",
+        "mixed.tar:m4": "malformed_record",
+        "pack.tar:p1:1": "malformed_record", "pack.tar:p2:1": "missing_image", "pack.tar:p3": "malformed_record",
+        "pack.tar:p4": "malformed_record",
+    }
+    assert m["ignored_tar_members"] == {"0_v.mp4": 1}
+    recs = read_records(out, m)
+    assert [r["id"] for r in recs] == ["chat.tar:c0", "chat.tar:c1", "mixed.tar:m0", "pack.tar:p0:0",
+                                       "pack.tar:p0:1", "pack.tar:p0:2", "pack.tar:p1:0", "pack.tar:p2:0"]
+    assert m["counts"] == {**m["counts"], "seen": 19, "written": 8, "rejected": 11}
+    answers = [tok.decode(r["tokens"][r["loss_mask"]]) for r in recs]
+    assert answers == [s + "<|im_end|>" for s in ("A dog.", "A cat.", "No.", "Red.", "Green.", "Blue.", "One.",
+                                                 "Here.")]
+    assert recs[2]["images"] == [b, a]  # the order `name` gives, not the member order
+    assert [r["images"] for r in recs[3:]] == [[b], [c], [d], [a], [c]]
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert [int((r["tokens"] == pad).sum()) for r in recs] == [4, 4, 8, 4, 4, 4, 4, 4]
+    user = lambda r: tok.decode(r["tokens"]).split("<|im_start|>user\n")[1].split("<|im_end|>")[0]  # noqa: E731
+    vision = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
+    assert [user(r) for r in recs[3:6]] == [vision + "\nDescribe.", vision, vision + "\nWhat colour?"]
+
+
+def test_max_side_caps_the_longest_side(tok_dir, tmp_path):
+    from PIL import Image
+    import io as stdio
+
+    root = tmp_path / "wds"
+    j = lambda obj: json.dumps(obj).encode()  # noqa: E731
+    wide, small = png_bytes(100, 200, seed=1), png_bytes(40, 60, seed=2)
+    write_tar(root / "s.tar", [("w.png", wide), ("w.json", j({"caption": "Wide."})),
+                               ("s.png", small), ("s.json", j({"caption": "Small."}))])
+    out = tmp_path / "out"
+    m = convert.convert(out_dir=out, params=convert.Params(tokenizer=str(tok_dir), seq_len=SEQ_LEN, max_side=100),
+                        wds_globs=[str(root / "*.tar")], max_reject_fraction=0)
+    assert m["parameters"]["max_side"] == 100
+    recs = read_records(out, m)
+    capped = Image.open(stdio.BytesIO(recs[0]["images"][0]))
+    assert capped.format == "PNG" and capped.size == (100, 50)  # (w, h): the 200 px side scaled to 100
+    assert recs[0]["grids"].tolist() == [[1, 4, 8]]  # smart_resize of 50 x 100 (uncapped 100 x 200: 8 x 14)
+    assert recs[1]["images"] == [small]  # under the cap: the original bytes
+    assert convert.main(["--tokenizer", str(tok_dir), "--out", str(tmp_path / "x"), "--wds", "a", "--max-side",
+                         "-1"]) == 2
