@@ -18,12 +18,14 @@ import ml_collections
 from ovjax.train.config import base_config
 
 STAGES = {
-    # stage: (trainable, frozen, data kind, steps, peak lr)
-    "stage1": (("merger",), (), "caption", 20, 3e-3),
+    # stage: (trainable, frozen, data kind, steps, peak lr, warmup steps)
+    "stage1": (("merger",), (), "caption", 20, 3e-3, 10),
     "stage1_5": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-                 "caption", 200, 3e-3),
+                 "caption", 200, 3e-3, 10),
+    # stage 2 starts a fresh optimizer on a new task: reaching 3e-3 within 10 steps dropped some runs into an
+    # image-blind state for most of the stage (issue 15); a 50-step warmup keeps them out of it
     "stage2": (("visual", "merger", "language_model"), ("visual/class_embedding", "visual/class_pos_emb"),
-               "qa", 300, 3e-3),
+               "qa", 300, 3e-3, 50),
 }
 
 
@@ -44,20 +46,25 @@ def get_config(arg: str = "stage2"):
     if stage not in STAGES:
         raise ValueError(f"configs/demo.py: unknown stage {arg!r}; choose one of {sorted(STAGES)} "
                          "(optionally prefixed smoke_)")
-    trainable, frozen, kind, steps, lr = STAGES[stage]
+    trainable, frozen, kind, steps, lr, warmup = STAGES[stage]
     cfg = model(base_config("tiny"))
     cfg.mesh.update(dict(data=2, fsdp=-1, tensor=1, sequence=1))
     cfg.train.update(dict(steps=steps, log_every=10, batch_size=8, seq_len=256, max_patches=256, max_images=8,
                           loss_chunk=256, seed=0))
-    cfg.optim.update(dict(lr=lr, min_lr=1e-6, warmup_steps=10, weight_decay=0.0, b2=0.99,
+    cfg.optim.update(dict(lr=lr, min_lr=1e-6, warmup_steps=warmup, weight_decay=0.0, b2=0.99,
                           trainable=trainable, frozen=frozen))
     cfg.checkpoint.update(dict(every=max(steps // 2, 1), keep=1))
+    if stage == "stage2":  # keep every 50th step: the demo scores one mid-way, a person can score the others
+        cfg.checkpoint.update(dict(every=50, keep=steps // 50))
     cfg.data.update(dict(seed=0))
     cfg.data.synthetic = kind
     cfg.data.synthetic_samples = 6000 if kind == "caption" else 10000
     cfg.data.synthetic_max_turns = 4
     cfg.data.max_pixels = 112 * 112  # images up to 8 x 8 patches (16 image tokens)
-    cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=20, seed=12345, seq_len=64, max_patches=64, batch=64))
+    # image_check_step: stage 2's checkpoint where the demo checks that the model already uses the image
+    cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=20, seed=12345, seq_len=64, max_patches=64, batch=64,
+                                              image_check_step=150 if stage == "stage2" else 0,
+                                              image_check_n_per_answer=10))
     if smoke:
         cfg.train.update(dict(steps=3, log_every=1, batch_size=4, seq_len=128, max_patches=128, max_images=4,
                               loss_chunk=128))
@@ -66,6 +73,6 @@ def get_config(arg: str = "stage2"):
         cfg.data.synthetic_samples = 64
         cfg.data.synthetic_max_turns = 2
         cfg.data.max_pixels = 84 * 84
-        cfg.eval.update(dict(n_per_answer=1, batch=16, max_patches=36))
+        cfg.eval.update(dict(n_per_answer=1, batch=16, max_patches=36, image_check_step=0))
         cfg.train.xla_compiler_options = "xla_backend_optimization_level=0"
     return cfg
