@@ -61,9 +61,10 @@ def get_config(arg: str = "stage2"):
     cfg.data.synthetic_samples = 6000 if kind == "caption" else 10000
     cfg.data.synthetic_max_turns = 4
     cfg.data.max_pixels = 112 * 112  # images up to 8 x 8 patches (16 image tokens)
-    # image_check_step: stage 2's checkpoint where the demo checks that the model already uses the image
+    # image_check_step: stage 2's checkpoint where the demo checks that the model already uses the image (the
+    # image-blind runs of issue 15 stayed at chance until about step 120; runs that learn gain 40+ points by 100)
     cfg.eval = ml_collections.ConfigDict(dict(n_per_answer=20, seed=12345, seq_len=64, max_patches=64, batch=64,
-                                              image_check_step=150 if stage == "stage2" else 0,
+                                              image_check_step=100 if stage == "stage2" else 0,
                                               image_check_n_per_answer=10))
     if smoke:
         cfg.train.update(dict(steps=3, log_every=1, batch_size=4, seq_len=128, max_patches=128, max_images=4,

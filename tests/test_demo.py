@@ -56,7 +56,7 @@ def test_criteria():
 def _report(acc, ctrl, mid_acc=None, mid_ctrl=None):
     r = _result(acc, ctrl)
     if mid_acc is not None:
-        r["stage2_mid"] = {"step": 150, "of_steps": 300, "accuracy_by_type": mid_acc,
+        r["stage2_mid"] = {"step": 100, "of_steps": 300, "accuracy_by_type": mid_acc,
                            "control_accuracy_by_type": mid_ctrl}
     return r
 
@@ -74,7 +74,7 @@ def test_diagnosis_says_stage2_was_image_blind():
     r = _report({"colour": 0.867, "count": 0.775, "shape": 0.333, "position": 0.25},
                 {"colour": 0.15, "count": 0.25, "shape": 0.333, "position": 0.25}, blind_mid, blind_mid)
     text = " ".join(demo.diagnosis(r))
-    assert "Stage 2 had not learned to use the image by step 150 of 300" in text
+    assert "Stage 2 had not learned to use the image by step 100 of 300" in text
     assert "image-blind" in text
     assert "colour questions use the image but only partly: 87%" in text
     assert "shape questions do not use the image: 33% with it, 33% with it zeroed" in text
