@@ -1,6 +1,6 @@
 """The embedded demo: three stages on the synthetic shapes dataset (ovjax/data/synthetic.py), on a CPU mesh.
 
-    python -m ovjax demo [--workdir DIR]          # everything: data, 3 stages, evaluation, report
+    python -m ovjax demo --seed N [--workdir DIR]   # everything: data, 3 stages, evaluation, report
     python -m ovjax train --config configs/demo.py:stage2 --workdir DIR/stage2 \
         --config.data.train=DIR/data/qa-...-packed-... --config.init.from_checkpoint=DIR/stage1_5
 
@@ -9,8 +9,18 @@ The model is the tiny preset made a little wider (about 0.6M parameters): text h
 two layers each. Its vocabulary size and special-token ids are placeholders here: the demo sets them from
 the tokenizer it trains (`ovjax.train.loop.synthetic_data`), so they always match.
 Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions), 8 rows x 256 tokens.
-Measured (2-core CPU shared with other work): 3.5-5 minutes in all; held-out colour 99-100%, count 95-99%,
-shape 70-80%, position 25-68% (it varies most from run to run); the zero-image control at chance.
+Peak lr 3e-3 everywhere; warmup 10 steps in stages 1 and 1.5, 50 in stage 2 (was 10: issue 15, a fresh
+optimizer reaching 3e-3 in 10 steps left some runs image-blind for most of stage 2).
+
+Measured with the 50-step stage-2 warmup, `python -m ovjax demo --seed N` on the 2-core CPU machine shared
+with six other jobs (load average 14-20), default XLA flags, 2 runs (seeds 0, 1; the AVX2 runs and seeds
+2-4 were not run yet): held-out colour 100-100%, count 96.2-96.2%, shape 53.3-73.3%, position 50.0-82.5%;
+the zero-image control at chance (16.7 / 25.0 / 33.3 / 25.0%) in both; at stage 2's step 100 colour is
+already at 90% (seed 0) and 98% (seed 1), zero-image 17%: both left the image-blind state early. Wall time under that load: seed 1 1834 s (whole run); seed 0
+850 s for stage 2 + evaluation, reusing the data and stages 1-1.5 of the baseline run (~510 s of it), so
+~23 minutes. An unloaded run was not measured here (the issue's fresh clone: about 4 minutes).
+Baseline, the old 10-step warmup, seed 0 on this machine: 100 / 98.8 / 80.0 / 50.0% (it passed here; the
+issue's failing machine gave 86.7 / 77.5 / 33.3 / 25.0%).
 """
 
 import ml_collections
