@@ -201,8 +201,8 @@ def run_demo(workdir: pathlib.Path, *, smoke: bool, fixture: pathlib.Path | None
             log(f"   {k}: {v}")
     prev, stages = None, {}
     for name in STAGES:
-        cfg = loop.load_config(f"configs/demo.py:{'smoke_' if smoke else ''}{name}")
-        cfg.train.seed = cfg.data.seed = seed
+        cfg = loop.load_config(f"configs/demo.py:{'smoke_' if smoke else ''}{name}",
+                               [("train.seed", str(seed)), ("data.seed", str(seed))])
         t_data = time.perf_counter()
         packed, tok_dir = loop.synthetic_data(cfg, workdir / "data", log=log)
         cfg.data.train = str(packed)
