@@ -12,9 +12,10 @@ Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions)
 Peak lr 3e-3 everywhere; warmup 10 steps in stages 1 and 1.5, 50 in stage 2 (was 10: issue 15, a fresh
 optimizer reaching 3e-3 in 10 steps left some runs image-blind for most of stage 2).
 
-Measured with the 50-step stage-2 warmup, `python -m ovjax demo --seed N` on the 2-core CPU machine shared
-with six other jobs (load average 14-20), default XLA flags, 2 runs (seeds 0, 1; the AVX2 runs and seeds
-2-4 were not run yet): held-out colour 100-100%, count 96.2-96.2%, shape 53.3-73.3%, position 50.0-82.5%;
+Measured with the 50-step stage-2 warmup, `python -m ovjax demo --seed N` on the 2-core CPU machine (AMD
+EPYC, AVX2 without AVX-512) shared with six other jobs (load average 14-20), 2 runs (seeds 0, 1; seeds 2-4
+were not run yet). `XLA_FLAGS=--xla_cpu_max_isa=AVX2` is no other rounding on this CPU: stage 2 of seed 0
+gave bit-identical losses with and without it (checked to step 140). Held-out colour 100-100%, count 96.2-96.2%, shape 53.3-73.3%, position 50.0-82.5%;
 the zero-image control at chance (16.7 / 25.0 / 33.3 / 25.0%) in both; at stage 2's step 100 colour is
 already at 90% (seed 0) and 98% (seed 1), zero-image 17%: both left the image-blind state early. Wall time under that load: seed 1 1834 s (whole run); seed 0
 850 s for stage 2 + evaluation, reusing the data and stages 1-1.5 of the baseline run (~510 s of it), so
