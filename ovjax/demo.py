@@ -275,8 +275,8 @@ def diagnosis(r: dict) -> list[str]:
     if mid is not None:
         gain = image_gain(mid)
         if max(gain.values()) < IMAGE_USE_GAIN:
-            accs = ", ".join(f"{t} {mid['accuracy_by_type'][t]:.0%} (zero-image {mid['control_accuracy_by_type'][t]:.0%})"
-                             for t in gain)
+            ctrl = mid["control_accuracy_by_type"]
+            accs = ", ".join(f"{t} {mid['accuracy_by_type'][t]:.0%} (zero-image {ctrl[t]:.0%})" for t in gain)
             out.append(f"Stage 2 had not learned to use the image by step {mid['step']} of {mid['of_steps']}: "
                        f"no question type scores {IMAGE_USE_GAIN:.0%} better with the image than with it zeroed "
                        f"({accs}). It sat in the image-blind state (answers guessed from the question alone) "
@@ -316,8 +316,9 @@ def print_report(r: dict, log=print) -> None:
             f"{'' if g['answer'] == g['truth'] else '   (wrong)'}")
     if "stage2_mid" in r:
         m = r["stage2_mid"]
+        ctrl = m["control_accuracy_by_type"]
         log(f"   stage 2 at step {m['step']}: " + ", ".join(
-            f"{t} {a:.0%} (zero-image {m['control_accuracy_by_type'][t]:.0%})" for t, a in m["accuracy_by_type"].items()))
+            f"{t} {a:.0%} (zero-image {ctrl[t]:.0%})" for t, a in m["accuracy_by_type"].items()))
     for k, ok in r["criteria"].items():
         log(f"   {'PASS' if ok else 'FAIL'}  {k}")
     for sentence in r["diagnosis"]:
