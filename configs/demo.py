@@ -18,7 +18,9 @@ EPYC, AVX2 without AVX-512) shared with six other jobs (load average 14-20), 2 r
 the zero-image control at chance (16.7 / 25.0 / 33.3 / 25.0%) in both. At stage 2's step 100 colour was
 already at 90% (seed 0) and 98% (seed 1) against 17% zero-image: both left the image-blind state early.
 `XLA_FLAGS=--xla_cpu_max_isa=AVX2` is no other rounding on this CPU: stage 2 of seed 0 gave bit-identical
-losses with and without it (compared to step 140).
+losses with and without it (compared to step 140). Another rounding of stage 2 instead: seed 0's stage 2 on
+`--devices 2` (data=2 x fsdp=1; same stage-1.5 params, losses apart from step 50 on): 100 / 100 / 70.0 /
+65.0%, colour 90% at step 100, control at chance, stage 2 359 s (load ~7).
 Wall time under that load: seed 1 1834 s (whole run); seed 0 850 s for stage 2 + evaluation, reusing the data
 and stages 1-1.5 of the baseline run (~510 s of it), so ~23 minutes. An unloaded run was not measured here
 (the issue's fresh clone: about 4 minutes).
