@@ -169,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"eval: config error: {e}", file=sys.stderr)
         return 2
-    if "eval" not in cfg:
-        print(f"eval: {args.config} has no eval section (configs/demo.py has one)", file=sys.stderr)
+    if "answers" not in cfg:
+        print(f"eval: {args.config} has no `answers` section (configs/demo.py has one)", file=sys.stderr)
         return 2
     params = checkpoint.load_params(args.checkpoint)
     out = synthetic_eval(cfg.model, params, args.tokenizer, n_per_answer=args.n_per_answer, seed=args.seed,
-                         seq_len=int(cfg.eval.seq_len), max_patches=int(cfg.eval.max_patches),
-                         batch=int(cfg.eval.batch), max_pixels=int(cfg.data.max_pixels) or None)
+                         seq_len=int(cfg.answers.seq_len), max_patches=int(cfg.answers.max_patches),
+                         batch=int(cfg.answers.batch), max_pixels=int(cfg.data.max_pixels) or None)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -1,5 +1,6 @@
-"""The demo: its stage chain, its pass/fail criteria, the loss plot, and a smoke run of the whole pipeline
-(`python -m ovjax demo --smoke`: data, three stages on fake CPU devices, evaluation, report.json)."""
+"""The demo: its stage chain, its pass/fail criteria and diagnosis, the loss plot, the generation picks, and a
+smoke run of the whole pipeline (`python -m ovjax demo --smoke --seed 3`: data, three stages on fake CPU
+devices, evaluation, free answers, report.json)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def test_stage_chain():
         assert c.mesh.data == 2
     with pytest.raises(ValueError, match="unknown stage"):
         config.load("configs/demo.py:stage3")
+    # stage 2's fresh optimizer must not reach the peak lr within a handful of steps (issue 15)
+    assert s2.optim.warmup_steps >= 50 > s15.optim.warmup_steps
+    # the checkpoint the demo scores for image use is one stage 2 keeps
+    step = s2.answers.image_check_step
+    assert 0 < step < s2.train.steps and step % s2.checkpoint.every == 0
+    assert s2.checkpoint.keep >= s2.train.steps // s2.checkpoint.every
 
 
 def _result(acc, ctrl):
@@ -45,6 +52,52 @@ def test_criteria():
     assert not demo.criteria(leaky)["control_colour_le_chance_plus_0.1"]
 
 
+def _report(acc, ctrl, mid_acc=None, mid_ctrl=None):
+    r = _result(acc, ctrl)
+    if mid_acc is not None:
+        r["stage2_mid"] = {"step": 100, "of_steps": 300, "accuracy_by_type": mid_acc,
+                           "control_accuracy_by_type": mid_ctrl}
+    return r
+
+
+def test_diagnosis_silent_when_the_image_is_used():
+    good = _report({"colour": 1.0, "count": 0.95, "shape": 0.8, "position": 0.5},
+                   {"colour": 0.15, "count": 0.25, "shape": 0.35, "position": 0.25},
+                   {"colour": 0.9, "count": 0.6, "shape": 0.4, "position": 0.3},
+                   {"colour": 0.2, "count": 0.25, "shape": 0.3, "position": 0.25})
+    assert demo.diagnosis(good) == []
+
+
+def test_diagnosis_says_stage2_was_image_blind():
+    blind_mid = {"colour": 0.2, "count": 0.3, "shape": 0.33, "position": 0.25}
+    r = _report({"colour": 0.867, "count": 0.775, "shape": 0.333, "position": 0.25},
+                {"colour": 0.15, "count": 0.25, "shape": 0.333, "position": 0.25}, blind_mid, blind_mid)
+    text = " ".join(demo.diagnosis(r))
+    assert "Stage 2 had not learned to use the image by step 100 of 300" in text
+    assert "image-blind" in text
+    assert "colour questions use the image but only partly: 87%" in text
+    assert "shape questions do not use the image: 33% with it, 33% with it zeroed" in text
+    assert "position questions do not use the image" in text
+
+
+def test_diagnosis_names_a_leaky_control():
+    r = _report({"colour": 1.0, "count": 1.0, "shape": 0.8, "position": 0.5},
+                {"colour": 0.5, "count": 0.25, "shape": 0.3, "position": 0.25})
+    (sentence,) = demo.diagnosis(r)
+    assert sentence.startswith("With the image zeroed, colour still scores 50%")
+
+
+def test_generation_items():
+    items = demo.generation_items(12346)
+    by_type = {}
+    for it in items:
+        by_type.setdefault(it["type"], []).append(it["answer"])
+    assert set(by_type) == {"colour", "count", "shape", "position"}
+    for answers in by_type.values():
+        assert len(answers) == 2 and answers[0] != answers[1]
+    assert [it["answer"] for it in demo.generation_items(12346)] == [it["answer"] for it in items]
+
+
 def test_loss_plot(tmp_path):
     for i, name in enumerate(demo.STAGES):
         (tmp_path / name).mkdir()
@@ -57,8 +110,8 @@ def test_loss_plot(tmp_path):
 def test_smoke_run(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)  # the demo sets its own device count
-    p = subprocess.run([sys.executable, "-m", "ovjax", "demo", "--smoke", "--no-parity", "--workdir", str(tmp_path)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "ovjax", "demo", "--smoke", "--no-parity", "--seed", "3",
+                        "--workdir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("accuracy", "accuracy_by_type", "control_accuracy", "seconds"):
@@ -70,3 +123,13 @@ def test_smoke_run(tmp_path):
     meta = json.loads((tmp_path / "stage2" / "config.json").read_text())
     assert meta["init"]["from_checkpoint"] == str(tmp_path / "stage1_5")
     assert "mesh data=2 x fsdp=2" in p.stdout
+    assert report["seed"] == 3 and meta["train"]["seed"] == 3 and meta["data"]["seed"] == 3
+    assert "-s3-" in meta["data"]["train"]  # the training set itself is drawn with the seed
+    assert len(report["generation"]) == 8
+    for g in report["generation"]:
+        assert set(g) == {"type", "question", "truth", "answer"} and isinstance(g["answer"], str)
+        assert f"{g['question']} -> " in p.stdout
+    assert (tmp_path / "answers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gen = report["generation_accuracy_by_type"]  # every held-out question also answered through ovjax.generate
+    assert set(gen) == set(report["accuracy_by_type"]) and all(0.0 <= a <= 1.0 for a in gen.values())
+    assert "generated" in p.stdout
