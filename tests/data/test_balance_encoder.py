@@ -10,9 +10,10 @@ from tests.data._make_inputs import png_bytes
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
+@pytest.fixture(scope="module", params=[("quick_gelu", 1.0), ("gelu", 1.0), ("quick_gelu", 6.0)])
 def clip_dir(request, tmp_path_factory):
-    return make_tiny_clip(tmp_path_factory.mktemp(f"clip-{request.param}"), hidden_act=request.param)
+    act, scale = request.param
+    return make_tiny_clip(tmp_path_factory.mktemp(f"clip-{act}"), hidden_act=act, weight_scale=scale)
 
 
 def _torch_model(path):
