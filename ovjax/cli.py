@@ -9,6 +9,7 @@ import sys
 # verb -> (module with a `main(argv) -> int`, one-line description)
 VERBS = {
     "convert": ("ovjax.data.convert", "validate raw data (LLaVA JSON, parquet, webdataset) into raw ArrayRecord shards"),
+    "balance": ("ovjax.data.balance", "concept-balanced resampling of raw shards (CLIP top-K concepts) -> selection manifest"),
     "pack": ("ovjax.data.pack", "pack raw shards offline into fixed-size bins (or plan from a lengths file)"),
     "train": ("ovjax.train.loop", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),
     "eval": ("ovjax.eval", "held-out answer-scoring evaluation of a demo checkpoint (and its zero-image control)"),

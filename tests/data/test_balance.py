@@ -185,3 +185,21 @@ def test_pack_consumes_the_selection(inputs, encoder, first, tmp_path):
             got.update(s["id"] for s in schema.loads(data)["samples"])
         reader.close()
     assert got == want
+
+
+def test_cli_verb(inputs, first, capsys):
+    from ovjax import cli
+
+    out, _ = first
+    cli_out = inputs["root"] / "cli" / "b.json"
+    args = ["balance", "--raw", str(inputs["raw"]), "--concepts", str(inputs["concepts"]), "--encoder",
+            str(inputs["clip"]), "--top-k", str(TOP_K), "--target", "200", "--seed", "3", "--out", str(cli_out),
+            "--chunk-size", "32", "--no-progress"]
+    assert cli.main(args) == 0  # fresh cache, its own encoder (batch 64), default retrieval chunks
+    assert "top-1% share" in capsys.readouterr().err
+    assert cli_out.with_name("b.picks.npy").read_bytes() == out.with_name("a.picks.npy").read_bytes()
+    bad = inputs["root"] / "cli" / "bad.txt"
+    bad.write_text("cat\ncat\n")
+    assert cli.main(args[:4] + [str(bad)] + args[5:]) == 1
+    err = capsys.readouterr().err
+    assert "balance: error:" in err and "line 2 repeats line 1" in err
