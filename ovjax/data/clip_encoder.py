@@ -355,13 +355,23 @@ class ClipEncoder:
     split over the mesh's batch axes, params replicated), so each tower compiles once.
     """
 
-    def __init__(self, path: str | os.PathLike, *, batch_size: int = 64, mesh=None):
+    def __init__(self, path: str | os.PathLike | None, *, batch_size: int = 64, mesh=None,
+                 weights: tuple[ClipConfig, dict] | None = None):
+        """path: a local transformers CLIP directory; or None with weights=(config, params) (no tokenizer:
+        images only, default CLIP preprocessing; what the benchmark uses)."""
         from transformers import AutoTokenizer
 
-        self.path = str(path)
-        self.cfg, params = load_clip(self.path)
-        self.prep = image_prep(self.path, self.cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        if path is not None:
+            self.cfg, params = load_clip(path)
+            self.prep = image_prep(path, self.cfg)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        elif weights is not None:
+            self.cfg, params = weights
+            self.prep = ImagePrep(self.cfg.image_size, (self.cfg.image_size,) * 2, tuple(image_ops.CLIP_MEAN),
+                                  tuple(image_ops.CLIP_STD))
+            self.tokenizer = None
+        else:
+            raise EncoderError("ClipEncoder needs a model directory or weights=(config, params)")
         model = ClipModel(self.cfg)
         row_sharding = None
         if mesh is not None:
@@ -411,6 +421,8 @@ class ClipEncoder:
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids int32 [N, T], mask int32 [N, T]), T = max_position_embeddings; eos appended when the
         tokenizer does not add it (CLIP's pooling reads the eos position). Too long a text is an error."""
+        if self.tokenizer is None:
+            raise EncoderError("this encoder was built from bare weights and has no tokenizer")
         t, eos = self.cfg.max_positions, self.cfg.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         ids = np.full((len(texts), t), pad, np.int32)
