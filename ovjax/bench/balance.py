@@ -46,7 +46,7 @@ def _machine() -> dict:
 
 
 def tiny_config():
-    from ovjax.data.clip_encoder import ClipConfig, TowerConfig
+    from ovjax.data.clip_model import ClipConfig, TowerConfig
 
     t = TowerConfig(TINY["hidden"], TINY["heads"], TINY["layers"], TINY["mlp"], 1e-5, "quick_gelu")
     return ClipConfig(vision=t, text=t, image_size=TINY["image_size"], patch_size=TINY["patch_size"], channels=3,
@@ -54,10 +54,10 @@ def tiny_config():
 
 
 def bench_embedding(n_images: int, batch_size: int, seed: int = 0) -> dict:
-    from ovjax.data import clip_encoder, synthetic
+    from ovjax.data import clip_encoder, clip_model, synthetic
 
     cfg = tiny_config()
-    enc = clip_encoder.ClipEncoder(None, batch_size=batch_size, weights=(cfg, clip_encoder.init_params(cfg, seed)))
+    enc = clip_encoder.ClipEncoder(None, batch_size=batch_size, weights=(cfg, clip_model.init_params(cfg, seed)))
     rng = np.random.default_rng(seed)
     data = [synthetic.png_bytes(synthetic.render(synthetic.random_scene(rng))) for _ in range(n_images)]
     t0 = time.perf_counter()
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"embedding (tiny CLIP, batch {e['batch_size']}): {e['images_per_s']:.1f} images/s decode+encode, "
                      f"{e['encoder_only_images_per_s']:.1f} images/s encoder only (compile {e['compile_s']:.1f}s)")
     lines.append(f"retrieval {r['concepts']} concepts x {r['images']} images, dim {r['dim']}, top-{r['top_k']}: "
-                 f"{r.get('images_per_s', float('nan')):.1f} images/s, {r.get('pairs_per_s', float('nan')):.3g} pairs/s, "
+                 f"{r.get('images_per_s', float('nan')):.1f} images/s, "
+                 f"{r.get('pairs_per_s', float('nan')):.3g} pairs/s, "
                  f"{r.get('gflops', float('nan')):.1f} GFLOP/s; peak RSS {r['peak_rss_gib']:.2f} GiB "
                  f"(inputs alone {r['peak_rss_gib_inputs']:.2f}); checked vs numpy: {r['checked_rows_equal_numpy']}")
     print("\n".join(lines))

@@ -6,8 +6,9 @@
 Steps (LLaVA-OneVision-1.5's mid-training recipe):
   1. embed every sample's images (a sample with several images: the mean of their unit embeddings,
      renormalised) and every concept string (VOCAB.txt: UTF-8, one concept per line, no blank or duplicate
-     line) with a CLIP-family encoder (`ovjax.data.clip_encoder`, our Flax port; MetaCLIP loads as CLIP),
-     in chunks cached under --cache (default SELECTION.cache/): a rerun skips finished chunks;
+     line) with a CLIP-family encoder (`ovjax.data.clip_encoder` over `ovjax.data.clip_model`, our Flax
+     port; MetaCLIP loads as CLIP), in chunks cached under --cache (default SELECTION.cache/): a rerun
+     skips finished chunks;
   2. the top-K concepts of each sample by cosine similarity (`ovjax.data.retrieval`: chunked, sharded over
      the devices' batch axes, ties to the lower concept id), also cached per chunk;
   3. inverse-frequency weights with additive smoothing and a seeded resample to --target samples, with or
@@ -161,7 +162,7 @@ def balance(raw_dirs: list[str], concepts_path: str, encoder_dir: str, out: str,
 
     encoder: a ready `ClipEncoder` for `encoder_dir` (tests pass one in); built from encoder_dir if None.
     """
-    from ovjax.data import clip_encoder, retrieval
+    from ovjax.data import clip_encoder, clip_model, retrieval
 
     out_path = Path(out)
     if out_path.suffix != ".json":
@@ -176,7 +177,7 @@ def balance(raw_dirs: list[str], concepts_path: str, encoder_dir: str, out: str,
     mesh = default_mesh() if mesh is None else mesh
     if encoder is None:
         encoder = clip_encoder.ClipEncoder(encoder_dir, batch_size=batch_size, mesh=mesh)
-    encoder_sha = clip_encoder.weights_sha256(encoder_dir)
+    encoder_sha = clip_model.weights_sha256(encoder_dir)
     concepts_sha = hashlib.sha256(Path(concepts_path).read_bytes()).hexdigest()
     cache = ChunkCache(cache_dir or out_path.with_name(out_path.stem + ".cache"), {
         "encoder_sha256": encoder_sha, "raw_manifests_sha256": samples.manifest_sha256,
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ovjax.data import clip_encoder, embed_cache, retrieval
+    from ovjax.data import clip_model, embed_cache, retrieval
 
     try:
         report = balance(args.raw, args.concepts, args.encoder, args.out, top_k=args.top_k, target=args.target,
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                          cache_dir=args.cache, chunk_size=args.chunk_size, batch_size=args.batch_size,
                          image_chunk=args.image_chunk, concept_chunk=args.concept_chunk,
                          progress=not args.no_progress)
-    except (BalanceInputError, concept_stats.BalanceError, clip_encoder.EncoderError, embed_cache.CacheError,
+    except (BalanceInputError, concept_stats.BalanceError, clip_model.EncoderError, embed_cache.CacheError,
             retrieval.RetrievalError, selection.SelectionError) as e:
         print(f"balance: error: {e}", file=sys.stderr)
         return 1

@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 
-from ovjax.data import clip_encoder
+from ovjax.data import clip_encoder, clip_model
 from tests.data._balance_inputs import IMAGE_SIZE, make_tiny_clip
 from tests.data._make_inputs import png_bytes
 
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module", params=[("quick_gelu", 1.0), ("gelu", 1.0), ("quick_gelu", 6.0)])
+@pytest.fixture(scope="module", params=[("quick_gelu", 1.0), ("gelu", 1.0), ("quick_gelu", 6.0)],
+                ids=["quick_gelu", "gelu", "quick_gelu-x6"])
 def clip_dir(request, tmp_path_factory):
     act, scale = request.param
     return make_tiny_clip(tmp_path_factory.mktemp(f"clip-{act}"), hidden_act=act, weight_scale=scale)
@@ -62,15 +63,15 @@ def test_rejects_pickle_only_and_wrong_weights(tmp_path, clip_dir):
     shutil.copytree(clip_dir, bad)
     (bad / "model.safetensors").unlink()
     (bad / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(clip_encoder.EncoderError, match="safetensors"):
-        clip_encoder.load_clip(bad)
-    cfg, params = clip_encoder.load_clip(clip_dir)
+    with pytest.raises(clip_model.EncoderError, match="safetensors"):
+        clip_model.load_clip(bad)
+    cfg, params = clip_model.load_clip(clip_dir)
     import json
 
     other = json.loads((clip_dir / "config.json").read_text())
     other["projection_dim"] = 8
-    with pytest.raises(clip_encoder.EncoderError, match="text_projection/kernel has shape"):
-        clip_encoder.params_from_hf(_hf_tensors(clip_dir), clip_encoder.config_from_hf(other), "x")
+    with pytest.raises(clip_model.EncoderError, match="text_projection/kernel has shape"):
+        clip_model.params_from_hf(_hf_tensors(clip_dir), clip_model.config_from_hf(other), "x")
 
 
 def _hf_tensors(path):
