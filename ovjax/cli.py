@@ -10,6 +10,7 @@ import sys
 VERBS = {
     "synth": ("ovjax.data.synthetic", "make the synthetic shapes dataset (tokenizer, convert, pack): --out DIR"),
     "convert": ("ovjax.data.convert", "validate raw data (LLaVA JSON, parquet, webdataset) into raw ArrayRecord shards"),
+    "balance": ("ovjax.data.balance", "concept-balanced resampling of raw shards (CLIP top-K concepts) -> selection manifest"),
     "mix": ("ovjax.data.mix", "weighted mixture of raw datasets -> a selection manifest for pack: --source DIR:W"),
     "pack": ("ovjax.data.pack", "pack raw shards offline into fixed-size bins (or plan from a lengths file)"),
     "train": ("ovjax.train.command", "train a stage: --config configs/stage1.py:tiny --workdir DIR"),

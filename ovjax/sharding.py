@@ -239,6 +239,11 @@ def logical_spec(logical: Sequence[str | None], mesh: Mesh | None = None) -> P:
     return P(*out)
 
 
+def row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows [N, ...] split over the batch axes, the rest whole (embedding and retrieval batches)."""
+    return NamedSharding(mesh, logical_spec(("act_batch",) + (None,) * (ndim - 1), mesh))
+
+
 def batch_shardings(batch, mesh: Mesh, micro_batches: int = 1):
     """Shardings of a packed batch dict (fields of ovjax/data/batch.py, from their logical axes); raises
     ShardingError naming the array and the axes when the rows of a micro-batch do not divide the batch mesh
