@@ -153,14 +153,6 @@ def test_bad_concepts_file(tmp_path):
         balance.read_concepts(str(p))
 
 
-def _pack_accepts_selections() -> bool:
-    """Feature probe: pack reads selection manifests once it uses ovjax.data.selection (the data helper's change)."""
-    from ovjax.data import pack
-
-    return any(v is selection or getattr(v, "__module__", None) == selection.__name__ for v in vars(pack).values())
-
-
-@pytest.mark.skipif(not _pack_accepts_selections(), reason="ovjax.data.pack does not read selection manifests yet")
 def test_pack_consumes_the_selection(inputs, encoder, first, tmp_path):
     from array_record.python.array_record_module import ArrayRecordReader
 
