@@ -325,3 +325,51 @@ def layout_report(mesh: Mesh, params, param_shards, opt_state=None, opt_shards=N
     for p, b, s in big[:10]:
         lines.append(f"  not fully sharded: {p} ({b / gib:.3f} GiB) spec {s}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- kernel specs (shard_map)
+
+import dataclasses  # noqa: E402  (kept with the section that uses it)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpecs:
+    """How one attention kernel call is split over a mesh under `jax.shard_map` (derived from RULES).
+
+    q / out [B, T, Hq, D]: batch over the batch axes, T over `sequence` when the query token axis is
+    sequence-sharded, heads over `tensor`. k / v [B, S, Hkv, D]: the same but S never split (K/V are
+    all-gathered over `sequence`). Segment ids follow their tokens. `sequence_axes`: the mesh axes T is split
+    over (empty: not split), for the shard's offset."""
+
+    q: P
+    kv: P
+    q_segments: P
+    kv_segments: P
+    sequence_axes: tuple[str, ...]
+
+    def query_offset(self, local_len: int):
+        """Inside the shard_map body: global position of this shard's first query (an int32 scalar)."""
+        if not self.sequence_axes:
+            return 0
+        return jax.lax.axis_index(self.sequence_axes) * local_len
+
+
+def attention_specs(mesh, q_shape: Sequence[int], kv_shape: Sequence[int], seq_name: str | None,
+                    rules=RULES) -> AttentionSpecs:
+    """Specs for q [B, T, Hq, D], k/v [B, S, Hkv, D] on `mesh` (a Mesh or AbstractMesh over MESH_AXES).
+
+    seq_name: the logical name of the query token axis ("act_seq" in the LLM; None or an unsharded name such as
+    "act_patches" in the ViT). Heads are split over `tensor` only when both Hq and Hkv divide it (a query head
+    must find its kv head on the same device); otherwise they stay whole and only the batch is split."""
+    missing = [a for a in MESH_AXES if a not in mesh.axis_names]
+    if missing:
+        raise ShardingError(f"attention under shard_map needs a mesh over {MESH_AXES}; mesh "
+                            f"{tuple(mesh.axis_names)} lacks {missing}")
+    q_spec = resolve(("act_batch", seq_name, "act_heads", None), q_shape, mesh, rules)
+    kv_spec = resolve(("act_batch", None, "act_kv_heads", None), kv_shape, mesh, rules)
+    batch, seq, heads = q_spec[0], q_spec[1], q_spec[2]
+    if heads != kv_spec[2]:
+        heads = None
+    seq_axes = () if seq is None else ((seq,) if isinstance(seq, str) else tuple(seq))
+    return AttentionSpecs(q=P(batch, seq, heads, None), kv=P(batch, None, heads, None),
+                          q_segments=P(batch, seq), kv_segments=P(batch, None), sequence_axes=seq_axes)

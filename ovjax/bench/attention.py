@@ -7,7 +7,10 @@ whole script can be exercised on a CPU in about a minute.
 
 Sections: `check` (kernel vs reference on the device: outputs and q/k/v gradients, f32 and bf16, causal and
 bidirectional, packed, GQA, the tiny-preset head dims), `bench` (forward and forward+backward at training
-shapes, TFLOP/s and the ratio to cuDNN) and `sweep` (a few block-size configurations, while time is left).
+shapes, TFLOP/s and the ratio to cuDNN), `probes` (cuDNN's private packed API with q/kv offsets, and
+jax's Mosaic-GPU attention_mgpu, at the LLM shape) and `sweep` (block sizes incl. tokamax's H100 winners).
+launch/gpu_check.sh calls the pieces one by one (`check_one`, `bench_one`, `probe_*`) and flushes its JSON
+after every measurement; `run` here does the same sections in one call.
 
 FLOPs are counted from the visible (query, key) pairs only: 4 * D * Hq * pairs for the forward (QK^T and PV),
 2.5 times that for the backward (the FlashAttention convention: dV, dP, dQ, dK; the recomputed QK^T is not
@@ -133,30 +136,33 @@ def check_cases(smoke: bool) -> list[Case]:
     ]
 
 
+def check_one(case: Case, interpret: bool, blocks: BlockSizes | None = None) -> dict:
+    """Kernel vs the XLA reference (full precision) on the device: output and q/k/v gradients."""
+    row = {"case": case.name, "tol": TOL[case.dtype]}
+    try:
+        q, k, v, do = make_inputs(case, seed=1)
+        got_o = jax.jit(attention_fn("pallas", case, interpret, blocks))(q, k, v)
+        got_g = jax.jit(fwd_bwd(attention_fn("pallas", case, interpret, blocks)))(q, k, v, do)
+        with jax.default_matmul_precision("highest"):  # no TF32 in the float32 ground truth
+            want_o = jax.jit(attention_fn("xla", case, interpret))(q, k, v)
+            want_g = jax.jit(fwd_bwd(attention_fn("xla", case, interpret)))(q, k, v, do)
+        errs = {"out": rel_err(got_o, want_o)}
+        errs.update({n: rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), got_g, want_g)})
+        row.update({f"err_{n}": e for n, e in errs.items()})
+        row["ok"] = all(math.isfinite(e) and e < row["tol"] for e in errs.values())
+    except Exception as e:  # one broken case must not hide the others
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+    print(f"[check] {row['case']}: {'ok' if row['ok'] else 'FAIL'} "
+          + " ".join(f"{k}={v:.1e}" for k, v in row.items() if k.startswith("err_")), flush=True)
+    return row
+
+
 def run_check(smoke: bool, interpret: bool, blocks: BlockSizes | None) -> list[dict]:
-    rows = []
-    for case in check_cases(smoke):
-        row = {"case": case.name, "tol": TOL[case.dtype]}
-        try:
-            q, k, v, do = make_inputs(case, seed=1)
-            got_o = jax.jit(attention_fn("pallas", case, interpret, blocks))(q, k, v)
-            got_g = jax.jit(fwd_bwd(attention_fn("pallas", case, interpret, blocks)))(q, k, v, do)
-            with jax.default_matmul_precision("highest"):  # no TF32 in the float32 ground truth
-                want_o = jax.jit(attention_fn("xla", case, interpret))(q, k, v)
-                want_g = jax.jit(fwd_bwd(attention_fn("xla", case, interpret)))(q, k, v, do)
-            errs = {"out": rel_err(got_o, want_o)}
-            errs.update({n: rel_err(g, w) for n, g, w in zip(("dq", "dk", "dv"), got_g, want_g)})
-            row.update({f"err_{n}": e for n, e in errs.items()})
-            row["ok"] = all(math.isfinite(e) and e < row["tol"] for e in errs.values())
-        except Exception as e:  # one broken case must not hide the others
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
-        rows.append(row)
-        print(f"[check] {row['case']}: {'ok' if row['ok'] else 'FAIL'} "
-              + " ".join(f"{k}={v:.1e}" for k, v in row.items() if k.startswith("err_")), flush=True)
-    return rows
+    return [check_one(case, interpret, blocks) for case in check_cases(smoke)]
 
 
 def bench_cases(smoke: bool) -> list[Case]:
+    """In the GPU check's order: the LLM shape unpacked (vs cuDNN), packed in 8 samples, the ViT buffer."""
     if smoke:
         return [
             Case("llm causal", 96, 4, 2, 32, True, "bfloat16"),
@@ -175,6 +181,26 @@ def bench_cases(smoke: bool) -> list[Case]:
     ]
 
 
+def cudnn_row(case: Case, interpret: bool, iters: int, on_update=None) -> dict:
+    """cuDNN (public API) at the case's shape; it cannot mask segments, so a packed case runs unpacked."""
+    plain = dataclasses.replace(case, lengths=None)
+    note = "" if case.lengths is None else "same shape, unpacked: not equivalent"
+    row = bench_one(plain, "cudnn", interpret, iters, note=note, on_update=on_update)
+    if "error" in row and case.hkv != case.hq:
+        row.clear()
+        row = bench_one(plain, "cudnn", interpret, iters, note="kv repeated", row=row, on_update=on_update)
+    row["case"] = case.name
+    return row
+
+
+def vs_cudnn(pallas: dict, cudnn: dict) -> None:
+    """> 1: the kernel is faster. On an unpacked case this is the ratio of wall times."""
+    if "error" not in cudnn and "error" not in pallas:
+        for p in ("fwd", "fwd_bwd"):
+            if f"{p}_tflops" in pallas and f"{p}_tflops" in cudnn:
+                pallas[f"{p}_vs_cudnn"] = pallas[f"{p}_tflops"] / cudnn[f"{p}_tflops"]
+
+
 def time_call(fn, args, iters: int) -> float:
     """Median wall seconds of fn(*args) after one warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
@@ -187,8 +213,12 @@ def time_call(fn, args, iters: int) -> float:
 
 
 def bench_one(case: Case, impl: str, interpret: bool, iters: int, blocks: BlockSizes | None = None,
-              note: str = "") -> dict:
-    row = {"case": case.name, "impl": impl, "note": note}
+              note: str = "", row: dict | None = None, on_update=None) -> dict:
+    """Time fwd, then fwd+bwd, filling `row` (a new dict if None); `on_update()` runs after each measurement
+    (the GPU check flushes its JSON there, so a run cut short keeps what it measured)."""
+    row = {} if row is None else row
+    row.update(case=case.name, impl=impl, note=note)
+    on_update = on_update or (lambda: None)
     try:
         q, k, v, do = make_inputs(case)
         fn = attention_fn(impl, case, interpret, blocks)
@@ -198,10 +228,12 @@ def bench_one(case: Case, impl: str, interpret: bool, iters: int, blocks: BlockS
             fn = lambda q, k, v: base(q, jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2))  # noqa: E731
         fwd_s = time_call(jax.jit(fn), (q, k, v), iters)
         row.update(fwd_ms=1e3 * fwd_s, fwd_tflops=case.fwd_flops() / fwd_s / 1e12)
+        on_update()
         fb_s = time_call(jax.jit(fwd_bwd(fn)), (q, k, v, do), iters)
         row.update(fwd_bwd_ms=1e3 * fb_s, fwd_bwd_tflops=3.5 * case.fwd_flops() / fb_s / 1e12)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    on_update()
     print(f"[bench] {case.name} {impl}{' (' + note + ')' if note else ''}: "
           + (row["error"][:300] if "error" in row else
              f"fwd {row['fwd_ms']:.2f} ms {row['fwd_tflops']:.1f} TF/s, "
@@ -220,23 +252,89 @@ def run_bench(smoke: bool, interpret: bool, blocks: BlockSizes | None, deadline:
         rows.append(pallas)
         rows.append(bench_one(case, "xla", interpret, iters))
         if on_gpu():
-            # cuDNN cannot mask segments: on a packed case it runs the same shape unpacked, for scale only.
-            plain = dataclasses.replace(case, lengths=None)
-            note = "" if case.lengths is None else "same shape, unpacked: not equivalent"
-            cud = bench_one(plain, "cudnn", interpret, iters, note=note)
-            if "error" in cud and case.hkv != case.hq:
-                cud = bench_one(plain, "cudnn", interpret, iters, note="kv repeated")
-            cud["case"] = case.name
+            cud = cudnn_row(case, interpret, iters)
             rows.append(cud)
-            if "error" not in cud and "error" not in pallas:
-                # > 1: the kernel is faster. On an unpacked case this is the ratio of wall times.
-                for p in ("fwd", "fwd_bwd"):
-                    pallas[f"{p}_vs_cudnn"] = pallas[f"{p}_tflops"] / cud[f"{p}_tflops"]
+            vs_cudnn(pallas, cud)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Probes (GPU only): what else could run the LLM shape
+# ----------------------------------------------------------------------------------------------------------
+
+def packed_offsets(case: Case):
+    """cuDNN's packed-row description of the case: q/kv offsets [B, M+1] and lengths [B, M] (-1 = unused)."""
+    lengths = np.asarray(case.lengths, np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = jnp.asarray(np.broadcast_to(starts, (case.b, len(starts))).copy())
+    seqlens = jnp.asarray(np.broadcast_to(lengths, (case.b, len(lengths))).copy())
+    return offsets, seqlens
+
+
+def probe_cudnn_offsets(case: Case, iters: int, on_update=None) -> dict:
+    """jax._src.cudnn.fused_attention_stablehlo.dot_product_attention with q_offsets/kv_offsets (packed rows;
+    Hopper only): timings, and its output on the real tokens against ovjax's kernel."""
+    row = {"case": case.name, "impl": "cudnn-offsets", "note": "private API, packed"}
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+
+        offsets, seqlens = packed_offsets(case)
+        mask = fa.MaskType.CAUSAL if case.causal else fa.MaskType.NO_MASK
+
+        def fn(q, k, v):
+            return fa.dot_product_attention(q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets,
+                                            kv_offsets=offsets, scale=case.d ** -0.5, mask_type=mask)
+        q, k, v, _ = make_inputs(case)
+        real = np.asarray(case.segment_ids()[0]) > 0
+        got = np.asarray(jax.jit(fn)(q, k, v), np.float32)[:, real]
+        want = np.asarray(jax.jit(attention_fn("pallas", case, False))(q, k, v), np.float32)[:, real]
+        row["err_vs_pallas"] = rel_err(got, want)
+        _time_fn(fn, case, iters, row, on_update)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    return row
+
+
+def _time_fn(fn, case: Case, iters: int, row: dict, on_update=None) -> dict:
+    q, k, v, do = make_inputs(case)
+    fwd_s = time_call(jax.jit(fn), (q, k, v), iters)
+    row.update(fwd_ms=1e3 * fwd_s, fwd_tflops=case.fwd_flops() / fwd_s / 1e12)
+    if on_update:
+        on_update()
+    fb_s = time_call(jax.jit(fwd_bwd(fn)), (q, k, v, do), iters)
+    row.update(fwd_bwd_ms=1e3 * fb_s, fwd_bwd_tflops=3.5 * case.fwd_flops() / fb_s / 1e12)
+    return row
+
+
+def probe_mgpu(case: Case, iters: int, on_update=None) -> dict:
+    """jax.experimental.pallas.ops.gpu.attention_mgpu (Mosaic GPU, Hopper; no segment ids) at the case's
+    shape, unpacked."""
+    row = {"case": case.name, "impl": "attention_mgpu", "note": "Mosaic GPU, unpacked"}
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+        config = mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=case.causal,
+                                   block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+        plain = dataclasses.replace(case, lengths=None)
+        q, k, v, _ = make_inputs(plain)
+        got = np.asarray(jax.jit(lambda q, k, v: mgpu.attention(q, k, v, config))(q, k, v), np.float32)
+        want = np.asarray(jax.jit(attention_fn("pallas", plain, False))(q, k, v), np.float32)
+        row["err_vs_pallas"] = rel_err(got, want)
+        _time_fn(lambda q, k, v: mgpu.attention(q, k, v, config), plain, iters, row, on_update)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:1500]
+    return row
+
+
+# tokamax's H100 autotuning winners for its Pallas-Triton flash attention (bf16): fwd 128x128, 8 warps,
+# 3 stages; bwd 64x64, 4 warps, 2 stages.
+TOKAMAX_H100 = BlockSizes(block_q=128, block_k=128, block_q_dq=64, block_k_dq=64, block_q_dkv=64, block_k_dkv=64,
+                          num_warps=8, num_warps_bwd=4, num_stages=3, num_stages_bwd=2)
 
 
 def sweep_configs() -> list[BlockSizes]:
     return [
+        TOKAMAX_H100,
         BlockSizes(128, 64, 128, 32, 32, 128, num_stages=3, num_stages_bwd=2),
         BlockSizes(128, 128, 128, 64, 64, 128, num_warps=8, num_warps_bwd=8, num_stages=2, num_stages_bwd=2),
         BlockSizes(64, 64, 64, 64, 64, 64, num_warps=4, num_warps_bwd=4, num_stages=3, num_stages_bwd=3),
@@ -280,9 +378,16 @@ def run(smoke: bool = False, deadline: float | None = None, blocks: BlockSizes |
     if not smoke and interpret:
         out["error"] = "no GPU: use --smoke (GPU_CHECK_SMOKE=1) for the interpreted run"
         return out
+    def probes():
+        if not on_gpu():
+            return []
+        llm, packed = bench_cases(smoke)[:2]
+        return [probe_cudnn_offsets(packed, 3), probe_mgpu(llm, 3)]
+
     for name, section in (("dispatch", lambda: dispatcher_check(interpret)),
                           ("check", lambda: run_check(smoke, interpret, blocks)),
                           ("bench", lambda: run_bench(smoke, interpret, blocks, deadline)),
+                          ("probes", probes),
                           ("sweep", lambda: run_sweep(smoke, interpret, deadline))):
         t0 = time.time()
         try:
@@ -309,7 +414,8 @@ def markdown(res: dict) -> str:
                          + " | ".join(_f(r.get(f"err_{n}"), ".1e") for n in ("out", "dq", "dk", "dv"))
                          + f" | {r['tol']:.0e} |" + (f" {r['error'][:120]}" if "error" in r else ""))
         lines.append("")
-    for title, key in (("bench", "bench"), ("block-size sweep (first bench case)", "sweep")):
+    for title, key in (("bench", "bench"), ("probes (LLM shape)", "probes"),
+                       ("block-size sweep (first bench case)", "sweep")):
         rows = res.get(key)
         if not isinstance(rows, list) or not rows:
             if isinstance(rows, dict):
@@ -325,6 +431,8 @@ def markdown(res: dict) -> str:
                 note = (f"fwd {b['block_q']}x{b['block_k']} dq {b['block_q_dq']}x{b['block_k_dq']} "
                         f"dkv {b['block_q_dkv']}x{b['block_k_dkv']} w{b['num_warps']}/{b['num_warps_bwd']} "
                         f"s{b['num_stages']}/{b['num_stages_bwd']}")
+            if "err_vs_pallas" in r:
+                note = f"{note}; max err vs pallas {r['err_vs_pallas']:.1e}"
             if "error" in r:
                 note = (note + " " + r["error"][:150]).strip()
             lines.append(f"| {r['case'] if 'case' in r else ''} | {r.get('impl', 'pallas')} | "

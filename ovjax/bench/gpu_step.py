@@ -1,7 +1,14 @@
-"""Train-step timing on whatever device is present (the GPU check's hook): the 8b preset cut to 4 LLM
-layers and 4 ViT layers, packed rows of 8192 tokens, bf16 compute, automatic attention kernel, full remat.
+"""Train-step timing on whatever device is present (the GPU check's train step): the 4b preset with ALL its
+layers (36 LLM + 24 ViT, full 151,936-token vocabulary), a SHORT sequence (packed rows of 4096 tokens, 4096
+patches), everything trainable, bf16 compute, attention `auto` (the Pallas kernel on a GPU), remat
+`save_attention`. Full depth keeps the LM head at its real share of the step (~9% of the forward FLOPs instead of
+~45% for 4 layers); the 8b does not fit one GPU with its f32 AdamW state (~140 GB), the 4b (~75 GB) does on
+an H200/141 GB card and reports an out-of-memory error on smaller ones.
 
-    python -m ovjax.bench.gpu_step [--smoke]          # or through `bash launch/gpu_check.sh`
+    python -m ovjax.bench.gpu_step [--smoke] [--json PATH]    # or through `bash launch/gpu_check.sh`
+
+launch/gpu_check.sh runs it in its own process, so `peak_bytes_in_use` is this step's peak and not that of
+the attention benchmarks before it.
 
 `run(smoke, deadline) -> dict` (JSON-able) and `markdown(result)` are what launch/gpu_attention_bench.py
 calls. Smoke (or a CPU): the tiny preset at seq 256, XLA attention, two timed steps.
@@ -124,10 +131,9 @@ def run_config(smoke: bool):
         cfg = base_config("tiny")
         cfg.train.update(dict(batch_size=1, seq_len=256, max_patches=256, max_images=8, loss_chunk=128))
         return cfg
-    cfg = base_config("8b")  # bf16 compute, full remat, attention_impl auto (model_config)
-    cfg.model.text.num_layers = 4
-    cfg.model.vision.depth = 4
-    cfg.train.update(dict(batch_size=1, micro_batches=1, seq_len=8192, max_patches=8192, max_images=16,
+    cfg = base_config("4b")  # bf16 compute, attention_impl auto (model_config); all 36 + 24 layers
+    cfg.model.remat = "save_attention"
+    cfg.train.update(dict(batch_size=1, micro_batches=1, seq_len=4096, max_patches=4096, max_images=8,
                           loss_chunk=1024, steps=1000))
     cfg.optim.update(dict(trainable=("visual", "merger", "language_model"),
                           frozen=("visual/class_embedding", "visual/class_pos_emb")))
@@ -174,8 +180,7 @@ def run(smoke: bool = False, deadline: float = math.inf) -> dict:
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t1)
     step_s = sorted(times)[len(times) // 2]
-    f = flops_lib.step_flops(setup.model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images,
-                             segment_ids=host["segment_ids"], patch_segment=host["patch_segment"])
+    f = step_flops(flops_lib, setup.model_cfg, t, host)
     peak, src = peak_flops(devices[0])
     tokens = float((host["segment_ids"] > 0).sum())
     out.update(step_s=step_s, timed_steps=len(times), loss=float(m["loss"]), tokens=tokens,
@@ -186,6 +191,24 @@ def run(smoke: bool = False, deadline: float = math.inf) -> dict:
     if stats:
         out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     return out
+
+
+def step_flops(flops_lib, model_cfg, t, host) -> dict:
+    """flops.step_flops, with the recompute of the `save_attention` policy (full remat minus the attention
+    forward, which that policy saves) derived from the policies flops.py knows: full - (dots_no_batch - dots)."""
+    def of(remat):
+        return flops_lib.step_flops(model_cfg, t.batch_size, t.seq_len, t.max_patches, t.max_images,
+                                    segment_ids=host["segment_ids"], patch_segment=host["patch_segment"],
+                                    remat=remat)
+    remat = model_cfg.get("remat", "none")
+    if remat not in ("save_attention", "dots_attention"):
+        return of(remat)
+    f = dict(of("full" if remat == "save_attention" else "dots"))
+    attention_recompute = of("dots_no_batch")["recompute"] - of("dots")["recompute"]
+    if remat == "save_attention":
+        f["recompute"] -= attention_recompute
+    f["hardware"] = f["train"] + f["recompute"]
+    return f
 
 
 def markdown(result: dict) -> str:
@@ -206,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m ovjax.bench.gpu_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--json", default=None, help="write the result here (also on failure: its error)")
     args = p.parse_args(argv)
-    res = run(smoke=args.smoke)
+    try:
+        res = run(smoke=args.smoke)
+    except Exception as e:  # the caller (gpu_check) reads the error from the JSON
+        res = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
     print(markdown(res))
-    return 0
+    return 1 if "error" in res else 0
 
 
 if __name__ == "__main__":

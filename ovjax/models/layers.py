@@ -100,11 +100,28 @@ class Dense(nn.Module):
 
 
 def remat_policy(name: str):
-    """Checkpoint policy by config name: none (save everything), full (save nothing), dots, dots_no_batch."""
+    """Checkpoint policy by config name (MaxText-style; the attention names are set by the flash kernel):
+
+    none: save everything (no remat). full: save nothing. dots / dots_no_batch: save matmul outputs (all / those
+    without batch dims). save_attention: save only the flash kernel's output and log-sum-exp (full remat
+    otherwise, but the backward does not re-run the attention forward). dots_attention: dots_no_batch plus
+    the attention output and log-sum-exp. The attention names only matter with attention_impl pallas/auto.
+    """
+    from ovjax.kernels.flash_attention import FWD_KERNEL_NAME, LSE_NAME, OUT_NAME
+
+    cp = jax.checkpoint_policies
+    names = cp.save_only_these_names(OUT_NAME, LSE_NAME)
+
+    def attention(prim, *avals, **params):
+        # Saving the named values alone is not enough: the recomputed part would still hold the forward
+        # pallas_call (JAX never dead-code-eliminates a pallas_call), so its outputs are marked saveable too.
+        return (prim.name == "pallas_call" and params.get("name") == FWD_KERNEL_NAME) or names(prim, *avals, **params)
     policies = {
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+        "save_attention": attention,
+        "dots_attention": cp.save_from_both_policies(cp.checkpoint_dots_with_no_batch_dims, attention),
     }
     if name == "none":
         return None

@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
             # Sequence parallelism: queries stay sharded over `sequence`, K/V are all-gathered (full T).
             k = constrain(k, ("act_batch", None, "act_kv_heads", None))
             v = constrain(v, ("act_batch", None, "act_kv_heads", None))
-            o = attention(q, k, v, segment_ids, causal=True, impl=self.attention_impl)
+            o = attention(q, k, v, segment_ids, causal=True, impl=self.attention_impl, seq_axis="act_seq")
             new_cache = None
         else:
             kv_segment, kv_positions, index = cache_meta

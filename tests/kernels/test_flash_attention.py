@@ -160,3 +160,90 @@ def test_lowers_to_triton_for_cuda(dtype, d, groups, causal, packed):
         lowering_platforms=("cuda",)).as_text()
     names = re.findall(r'name = "(ovjax_flash_\w+)"', text)
     assert sorted(names) == ["ovjax_flash_dkv", "ovjax_flash_dq", "ovjax_flash_fwd"]
+
+
+@pytest.mark.parametrize("causal, dtype", [(True, jnp.float32), (False, jnp.bfloat16)])
+def test_query_shard_against_full_keys(causal, dtype):
+    """Sequence parallelism: each query shard (its offset given) against all keys equals those rows of full
+    attention, outputs and gradients, with packed samples straddling the shard boundaries; summing the shards'
+    dk/dv gives the full dk/dv."""
+    t, shards = 64, 4
+    n = t // shards
+    lengths = [5, 20, 1, 30]  # 5+20 straddles shards 0|1, 30 straddles 2|3; 8 tokens of padding
+    seg = jnp.asarray(np.concatenate([np.full(m, i + 1) for i, m in enumerate(lengths)]
+                                     + [np.zeros(t - sum(lengths))]).astype(np.int32)[None].repeat(2, 0))
+    q, k, v, cot = random_qkv(2, t, 4, 2, 16, dtype, seed=11)
+    want = out_and_grads(lambda q, k, v: mha_reference(q, k, v, seg, causal), q, k, v, cot)
+    dk = dv = 0
+    for i in range(shards):
+        sl = slice(i * n, (i + 1) * n)
+        offset = jnp.int32(i * n)  # an array, as axis_index gives it inside shard_map
+        got = out_and_grads(
+            lambda qs, k, v: flash_attention(qs, k, v, seg[:, sl], causal, kv_segment_ids=seg, q_offset=offset,
+                                             interpret=True, block_sizes=MIX_A), q[:, sl], k, v, cot[:, sl])
+        for name, g, w in zip(("out", "dq"), got[:2], (want[0][:, sl], want[1][:, sl])):
+            assert rel_err(g, w) < TOL[dtype], (name, i, rel_err(g, w))
+        dk, dv = dk + got[2].astype(jnp.float32), dv + got[3].astype(jnp.float32)
+    assert rel_err(dk, want[2]) < TOL[dtype] and rel_err(dv, want[3]) < TOL[dtype]
+
+
+def test_query_shard_errors():
+    q, k, v, _ = random_qkv(1, 32, 2, 1, 16, jnp.float32, seed=5)
+    seg = jnp.ones((1, 32), jnp.int32)
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        flash_attention(q[:, :16], k, v, seg[:, :16], True, q_offset=16, interpret=True)
+    with pytest.raises(ValueError, match="q_offset must be a scalar"):
+        flash_attention(q[:, :16], k, v, q_offset=jnp.zeros(2, jnp.int32), interpret=True)
+
+
+def triton_modules(fn, *args):
+    """The Triton IR (text) of every pallas_call in jit(fn)(*args) lowered for CUDA, on the CPU."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    texts = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def spy(*a, **kw):
+        result = original(*a, **kw)
+        texts.append(result.module.operation.get_asm())
+        return result
+
+    triton_lowering.lower_jaxpr_to_triton_module = spy
+    # conftest makes "highest" the global default; the kernel must not depend on it, so lower under "default"
+    try:
+        with jax.default_matmul_precision("default"):
+            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        triton_lowering.lower_jaxpr_to_triton_module = original
+    return texts
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_dots_lower_without_tf32(dtype):
+    """f32: every tt.dot of the fwd, dq and dk/dv kernels has inputPrecision ieee (no TF32); bf16: the dots
+    take bf16 operands with the lowering's default precision, as before the change. Also covers the
+    query-shard form (T != S, traced offset) that sequence parallelism uses."""
+    t, s, d = 64, 128, 64
+    q = jax.ShapeDtypeStruct((1, t, 4, d), dtype)
+    kv = jax.ShapeDtypeStruct((1, s, 2, d), dtype)
+    seg_q = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    seg_k = jax.ShapeDtypeStruct((1, s), jnp.int32)
+    offset = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def loss(q, k, v, sq, sk, off):
+        out = flash_attention(q, k, v, sq, True, kv_segment_ids=sk, q_offset=off)
+        return out.astype(jnp.float32).sum()
+
+    texts = triton_modules(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, seg_q, seg_k, offset)
+    assert len(texts) == 3  # fwd, dq, dk/dv
+    dots = [line for text in texts for line in text.splitlines() if "tt.dot " in line]
+    # fwd: qk, pv; dq: qk, dov, dsk; dkv: kq, pdo, vdo, dsq; each in the unmasked and the masked loop body
+    assert len(dots) == 2 * (2 + 3 + 4), len(dots)
+    # Triton prints the attribute only when it is not its default, IEEE (full float32).
+    precisions = {m.group(1) if (m := re.search(r"inputPrecision = (\w+)", line)) else "ieee" for line in dots}
+    if dtype == jnp.float32:
+        assert precisions == {"ieee"}, precisions
+        assert all("xf32>" in line for line in dots)
+    else:
+        assert precisions == {"tf32"}, precisions  # the attribute's default; Triton ignores it for bf16
+        assert all(re.search(r"tensor<\d+x\d+xbf16> \* tensor<\d+x\d+xbf16>", line) for line in dots), dots

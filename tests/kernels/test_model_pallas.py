@@ -71,17 +71,25 @@ def test_tiny_model_pallas_equals_xla():
             compiler_options={"xla_backend_optimization_level": 0})(params)
     (loss_x, grad_x), (loss_p, grad_p) = results["xla"], results["pallas"]
     assert abs(float(loss_p) - float(loss_x)) <= 1e-5 * abs(float(loss_x))
-    flat_x = jax.tree_util.tree_leaves_with_path(grad_x)
-    flat_p = jax.tree_util.tree_leaves(grad_p)
-    assert len(flat_x) == len(flat_p)
-    attention_grads_seen = 0
-    for (path, gx), gp in zip(flat_x, flat_p):
-        gx, gp = np.asarray(gx), np.asarray(gp)
-        scale = np.abs(gx).max()
-        if scale == 0:
-            np.testing.assert_array_equal(gp, gx)
-            continue
-        err = np.abs(gp - gx).max() / scale
-        assert err < 1e-5, f"{jax.tree_util.keystr(path)}: relative gradient error {err:.2e}"
-        attention_grads_seen += "q" in jax.tree_util.keystr(path).lower()
+    compared = assert_grads_close(grad_x, grad_p)
+    attention_grads_seen = sum("q" in path.lower() for path in compared)
     assert attention_grads_seen > 0
+
+
+def assert_grads_close(want, got, tol=1e-5) -> list[str]:
+    """Every leaf of `got` within `tol` of `want` relative to the leaf's max |want| (all-zero leaves: equal).
+    Returns the paths of the non-zero leaves compared."""
+    flat_want = jax.tree_util.tree_leaves_with_path(want)
+    flat_got = jax.tree_util.tree_leaves(got)
+    assert len(flat_want) == len(flat_got)
+    compared = []
+    for (path, gw), gg in zip(flat_want, flat_got):
+        gw, gg = np.asarray(gw), np.asarray(gg)
+        scale = np.abs(gw).max()
+        if scale == 0:
+            np.testing.assert_array_equal(gg, gw)
+            continue
+        err = np.abs(gg - gw).max() / scale
+        assert err < tol, f"{jax.tree_util.keystr(path)}: relative gradient error {err:.2e}"
+        compared.append(jax.tree_util.keystr(path))
+    return compared
