@@ -18,7 +18,9 @@ NPROC=$1; DEVICES=$2; shift 3
 PY=${PYTHON:-python3}
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 export OVJAX_COORDINATOR="localhost:$PORT" OVJAX_NUM_PROCESSES="$NPROC" JAX_PLATFORMS=cpu
-export XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES ${XLA_FLAGS:-}"
+# the caller's other XLA flags stay; its device count (e.g. from a test's environment) gives way to DEVICES
+OTHER_FLAGS=$(echo "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+export XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES $OTHER_FLAGS"
 
 declare -a PIDS=()
 declare -A INDEX=()
