@@ -6,8 +6,8 @@ Where the process group comes from (first match wins):
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID   (jax's own names, same meaning)
     SLURM (srun, SLURM_NTASKS > 1): count SLURM_NTASKS, index SLURM_PROCID, coordinator = the first host of
         the step's (else the job's) node list, port OVJAX_COORDINATOR_PORT or jax's per-job port; with more
-        than one task per node each task takes GPU SLURM_LOCALID (one process per GPU), else all GPUs of its
-        node (one process per node)
+        than one task per node each task takes GPU SLURM_LOCALID (one process per GPU; unless SLURM bound
+        the task to one GPU already, CUDA_VISIBLE_DEVICES of one id), else all GPUs of its node
     OVJAX_DISTRIBUTED=1: jax's own cluster auto-detection, as it is
     none of these: one process, nothing to initialise.
 Optional: OVJAX_HOST_NAME (what this process calls its host; default the hostname: processes on one host
@@ -145,8 +145,10 @@ def _slurm_launch(env: Mapping[str, str]) -> Launch:
         coord = f"{first_slurm_host(nodelist)}:{port}"
     _check_group("slurm", ("coordinator", "SLURM_NTASKS", "SLURM_PROCID"), coord, n, i)
     ids = _device_ids(env, "OVJAX_LOCAL_DEVICE_IDS")
-    if ids is None and n // nodes > 1:
-        ids = (_int(env, "SLURM_LOCALID"),)  # one process per GPU
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    bound = bool(visible) and "," not in visible  # --gpus-per-task=1: the task sees its one GPU only
+    if ids is None and n // nodes > 1 and not bound:
+        ids = (_int(env, "SLURM_LOCALID"),)  # one process per GPU, every task seeing all the node's GPUs
     return Launch("slurm", coord, n, i, ids)
 
 

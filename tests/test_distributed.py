@@ -54,6 +54,9 @@ def test_slurm_one_process_per_node_sees_all_gpus_one_per_gpu_takes_its_own():
     per_gpu = launch_from_env({**base, "SLURM_NTASKS": "128", "SLURM_PROCID": "13", "SLURM_LOCALID": "5",
                                "OVJAX_COORDINATOR_PORT": "7000"})
     assert per_gpu == Launch("slurm", "gpu017:7000", 128, 13, (5,))
+    bound = launch_from_env({**base, "SLURM_NTASKS": "128", "SLURM_PROCID": "13", "SLURM_LOCALID": "5",
+                             "CUDA_VISIBLE_DEVICES": "5"})
+    assert bound.local_device_ids is None  # --gpus-per-task=1: its only visible GPU
 
 
 @pytest.mark.parametrize("nodelist, first", [("n1", "n1"), ("n1,n2", "n1"), ("gpu[003-010,12],cpu1", "gpu003"),
