@@ -51,8 +51,8 @@ def _env(root: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OVJAX_", "JAX_", "SLURM_"))}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1", PYTHON=sys.executable,
-               **extra)
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONUNBUFFERED="1", PYTHON=sys.executable)
+    env.update(extra)
     return env
 
 
