@@ -184,11 +184,16 @@ def initialize(env: Mapping[str, str] | None = None, *, watch: bool = True) -> G
         return _GROUP
     import jax
 
-    timeout = _int(env, "OVJAX_INIT_TIMEOUT") if env.get("OVJAX_INIT_TIMEOUT") else 300
-    heartbeat = _int(env, "OVJAX_HEARTBEAT_TIMEOUT") if env.get("OVJAX_HEARTBEAT_TIMEOUT") else 40
+    timeout = _seconds(env, "OVJAX_INIT_TIMEOUT", 300)
+    heartbeat = int(_seconds(env, "OVJAX_HEARTBEAT_TIMEOUT", 40))
     # CPU devices of several processes talk through gloo (lesson 13); the setting does nothing to GPUs.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs: dict[str, Any] = dict(initialization_timeout=timeout, heartbeat_timeout_seconds=heartbeat)
+    # jax aborts the process with a stack trace when not all processes connect in time; a timer that fires
+    # a little earlier says it in one line instead.
+    timer = threading.Timer(timeout, _join_timed_out, args=(launch, timeout))
+    timer.daemon = True
+    timer.start()
+    kwargs: dict[str, Any] = dict(initialization_timeout=int(timeout) + 15, heartbeat_timeout_seconds=heartbeat)
     try:
         if launch.source == "auto":
             jax.distributed.initialize(**kwargs)
@@ -198,16 +203,16 @@ def initialize(env: Mapping[str, str] | None = None, *, watch: bool = True) -> G
                                        else None, cluster_detection_method="deactivate", **kwargs)
     except Exception as e:  # noqa: BLE001 - jax raises XlaRuntimeError/RuntimeError/ValueError here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(
-            f"process {launch.process_id} of {launch.num_processes} could not join the group at "
-            f"{launch.coordinator} within {timeout} s ({launch.source} variables): did all "
-            f"{launch.num_processes} processes start, with the same coordinator? ({first[:200]})") from None
+        raise DistributedError(f"process {launch.process_id} of {launch.num_processes} could not join the group "
+                               f"at {launch.coordinator} ({launch.source} variables): {first[:200]}") from None
+    finally:
+        timer.cancel()
     client = _client()
     me, n = jax.process_index(), jax.process_count()
     client.key_value_set(f"{KV_PREFIX}host/{me}", f"{host_name(env)}|{jax.local_device_count()}")
     hosts, counts = [], []
     for p in range(n):
-        h, _, c = client.blocking_key_value_get(f"{KV_PREFIX}host/{p}", timeout * 1000).rpartition("|")
+        h, _, c = client.blocking_key_value_get(f"{KV_PREFIX}host/{p}", int(timeout * 1000)).rpartition("|")
         hosts.append(h)
         counts.append(int(c))
     if len(set(counts)) != 1:
@@ -217,10 +222,31 @@ def initialize(env: Mapping[str, str] | None = None, *, watch: bool = True) -> G
         raise DistributedError(f"{jax.device_count()} global devices but {n} processes x {counts[0]} local")
     _GROUP = Group(launch, tuple(hosts))
     if watch:
-        peer_timeout = float(env.get("OVJAX_PEER_TIMEOUT") or 20)
+        peer_timeout = _seconds(env, "OVJAX_PEER_TIMEOUT", 20)
         _GROUP.watchdog = Watchdog(client, me, tuple(hosts), peer_timeout)
         _GROUP.watchdog.start()
     return _GROUP
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DistributedError(f"{name}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise DistributedError(f"{name}={raw!r} must be > 0")
+    return value
+
+
+def _join_timed_out(launch: Launch, timeout: float) -> None:
+    print(f"launch error: process {launch.process_id} of {launch.num_processes}: not all "
+          f"{launch.num_processes} processes joined the group at {launch.coordinator} within {timeout:.0f} s "
+          f"({launch.source} variables); did every process start, with the same coordinator and process count?",
+          file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def _client():

@@ -171,3 +171,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def test_missing_process_fails_at_start_with_one_line(tmp_path):
+    """OVJAX_NUM_PROCESSES=2 but only one process started: exit 2 after OVJAX_INIT_TIMEOUT, one line, no
+    stack trace (jax itself would abort with one)."""
+    env = _env(tmp_path, OVJAX_COORDINATOR=f"localhost:{_free_port()}", OVJAX_NUM_PROCESSES="2",
+               OVJAX_PROCESS_ID="0", OVJAX_INIT_TIMEOUT="3")
+    p = subprocess.run([sys.executable, "-m", "ovjax", "train", "--config", "configs/stage2.py:tiny", "--workdir",
+                        str(tmp_path / "w")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip() == (f"launch error: process 0 of 2: not all 2 processes joined the group at "
+                                f"{env['OVJAX_COORDINATOR']} within 3 s (ovjax variables); did every process "
+                                f"start, with the same coordinator and process count?")
