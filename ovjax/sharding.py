@@ -160,12 +160,10 @@ def hybrid_shape(shape: Sequence[int], n_hosts: int, per_host: int, outer_fsdp: 
                                 f"mesh.fsdp_across_hosts=true)")
         dcn = (n_hosts, 1, 1, 1)
     else:
+        # data takes gcd(data, hosts) of the hosts; the rest divides fsdp, since data x fsdp = hosts x k once
+        # tensor x sequence divides a host (checked above) and hosts/gcd is coprime with data/gcd
         d = math.gcd(data, n_hosts)
-        rest = n_hosts // d
-        if fsdp % rest:
-            raise ShardingError(f"mesh data={data} x fsdp={fsdp} cannot cover {n_hosts} {units}: data takes {d} "
-                                f"of them and fsdp ({fsdp}) is not divisible by the remaining {rest}")
-        dcn = (d, rest, 1, 1)
+        dcn = (d, n_hosts // d, 1, 1)
     return dcn, tuple(s // c for s, c in zip(shape, dcn))
 
 
