@@ -184,3 +184,15 @@ def test_missing_process_fails_at_start_with_one_line(tmp_path):
     assert p.stderr.strip() == (f"launch error: process 0 of 2: not all 2 processes joined the group at "
                                 f"{env['OVJAX_COORDINATOR']} within 3 s (ovjax variables); did every process "
                                 f"start, with the same coordinator and process count?")
+
+
+def test_launcher_returns_the_first_failure_and_stops_the_others(tmp_path):
+    script = 'if [ "$OVJAX_PROCESS_ID" = 1 ]; then sleep 1; exit 7; fi; echo "$XLA_FLAGS"; sleep 300'
+    t = time.monotonic()
+    p = subprocess.run(["bash", str(LAUNCH), "3", "2", "--", "bash", "-c", script], cwd=REPO, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 7, p.stderr
+    assert time.monotonic() - t < 60  # the sleeping processes 0 and 2 were stopped
+    assert "local_multiprocess: process 1 (pid" in p.stderr and "exited with status 7" in p.stderr
+    flags = [x for x in p.stdout.splitlines() if x.startswith("[0] ")]
+    assert flags == ["[0] --xla_force_host_platform_device_count=2 "], p.stdout  # DEVICES replaces the inherited 8
