@@ -3,7 +3,8 @@
 Layout: `DIR/<step>/` with items
     params      the model params (a pytree of arrays)            StandardSave
     opt         {"step", "opt_state"} of the train state          StandardSave
-    data        the data iterator's state, one JSON per process   (DataStateHandler, below)
+    data        the data iterator's state, one JSON per process   (DataStateHandler, below; restorable
+                onto another process count when all agree, as the loader's global state does)
     meta        run counters and the config, JSON                 JsonSave
 Params sit in their own item so that a next stage can read them alone (`load_params`), without the
 optimizer state of the previous stage.
@@ -25,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,9 @@ class CheckpointError(RuntimeError):
 
 # ------------------------------------------------------------------------- data iterator state
 
+_DATA_FILE = re.compile(r"process_\d+-of-\d+\.json")
+
+
 class DataStateHandler(ocp.CheckpointHandler):
     """Writes the state each process captured (a JSON-able dict) as `process_<i>-of-<n>.json`.
 
@@ -54,13 +59,26 @@ class DataStateHandler(ocp.CheckpointHandler):
         (directory / f"process_{i}-of-{n}.json").write_text(text)
 
     def restore(self, directory: epath.Path, args: "DataStateRestore | None" = None):
+        """This process's state; on another process count, the one state all writers agree on.
+
+        The loader's state is global (the next global batch index: row k of one stream, whatever the
+        process count), so every process wrote the same JSON and any process count can continue from it.
+        States that differ cannot be redistributed and are refused."""
         i, n = jax.process_index(), jax.process_count()
         path = directory / f"process_{i}-of-{n}.json"
-        if not path.exists():
+        if path.exists():
+            return json.loads(path.read_text())
+        written = sorted(p for p in directory.iterdir() if _DATA_FILE.fullmatch(p.name))
+        if not written:
             found = sorted(p.name for p in directory.iterdir())
-            raise CheckpointError(f"no data-iterator state {path.name} in {directory} (found {found}); the "
-                                  f"checkpoint was written by a different number of processes than {n}")
-        return json.loads(path.read_text())
+            raise CheckpointError(f"no data-iterator state in {directory} (found {found})")
+        states = {p.name: json.loads(p.read_text()) for p in written}
+        distinct = {json.dumps(v, sort_keys=True) for v in states.values()}
+        if len(distinct) != 1:
+            raise CheckpointError(f"the data-iterator states in {directory} differ between the processes that "
+                                  f"wrote them ({', '.join(states)}), so they cannot be restored onto {n} "
+                                  f"process(es); only a global state (the same in every process) can")
+        return json.loads(distinct.pop())
 
     def metadata(self, directory: epath.Path):
         return None

@@ -95,25 +95,78 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None, hosts: Sequence[str] | None = None) -> Mesh:
     """A Mesh over (data, fsdp, tensor, sequence) with Auto axis types (GSPMD logical constraints).
 
-    On several processes the mesh is hybrid: `data` spans the nodes (DCN), fsdp/tensor/sequence stay inside
-    a node, so the per-layer all-gathers and the tensor/sequence collectives never cross nodes.
+    On several hosts the mesh is hybrid: `data` spans the hosts (and, with `mesh.fsdp_across_hosts`, an outer
+    part of `fsdp` when data alone cannot cover them), the rest stays inside a host (NVLink), so the per-layer
+    all-gathers and the tensor/sequence collectives never leave a node. `hosts`: host name of each process
+    (by index); default `ovjax.distributed.process_hosts()`, else every process its own host.
     """
+    from ovjax import distributed
+
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
-    n_proc = len({d.process_index for d in devices})
-    if n_proc > 1:
-        if shape[0] % n_proc:
-            raise ShardingError(f"{n_proc} processes need mesh.data ({shape[0]}) divisible by the process "
-                                f"count, so that data spans the nodes and fsdp/tensor/sequence stay inside one")
-        inner = (shape[0] // n_proc,) + shape[1:]
-        grid = mesh_utils.create_hybrid_device_mesh(inner, (n_proc, 1, 1, 1), devices, process_is_granule=True)
-    else:
+    hosts = hosts or distributed.process_hosts()
+    procs = sorted({d.process_index for d in devices})
+    host_of = {p: (hosts[p] if hosts else f"process {p}") for p in procs}
+    groups: dict[str, list] = {}
+    for d in devices:
+        groups.setdefault(host_of[d.process_index], []).append(d)
+    if len(groups) == 1:
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    per_host = {len(g) for g in groups.values()}
+    if len(per_host) != 1:
+        raise ShardingError(f"hosts have different device counts { {h: len(g) for h, g in groups.items()} }")
+    outer_fsdp = bool(_field(mesh_cfg, "fsdp_across_hosts", False))
+    dcn, ici = hybrid_shape(shape, len(groups), per_host.pop(), outer_fsdp,
+                            unit="process" if len(groups) == len(procs) else "host")
+    if len(groups) == len(procs):  # one process per host: jax's hybrid mesh, a process is a granule
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True,
+                                                    allow_split_physical_axes=True)
+    else:  # several processes (e.g. one per GPU) per host: the host is the granule
+        blocks = np.empty(dcn, dtype=object)
+        for idx, g in zip(np.ndindex(*dcn), groups.values()):
+            blocks[idx] = mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True)
+        grid = np.block(blocks.tolist())
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _field(mesh_cfg, name: str, default):
+    if isinstance(mesh_cfg, dict):
+        return mesh_cfg.get(name, default)
+    return mesh_cfg[name] if name in mesh_cfg else default
+
+
+def hybrid_shape(shape: Sequence[int], n_hosts: int, per_host: int, outer_fsdp: bool = False,
+                 unit: str = "host") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(across-host shape, inside-host shape) of a (data, fsdp, tensor, sequence) mesh on `n_hosts` hosts of
+    `per_host` devices: `data` goes across hosts first; with `outer_fsdp` the hosts data cannot cover take an
+    outer part of `fsdp`. tensor and sequence never cross a host. Raises ShardingError naming the axis."""
+    data, fsdp, tensor, sequence = shape
+    units = unit + ("es" if unit.endswith("s") else "s")
+    if math.prod(shape) != n_hosts * per_host:
+        raise ShardingError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices but there are "
+                            f"{n_hosts} {units} x {per_host} devices = {n_hosts * per_host}")
+    for name, size in (("tensor", tensor), ("sequence", sequence), ("tensor x sequence", tensor * sequence)):
+        if per_host % size:
+            raise ShardingError(f"mesh.{name}={size} would span hosts: a {unit} has {per_host} devices, and "
+                                f"tensor/sequence must stay inside one (put data or fsdp across the {n_hosts} "
+                                f"{units})")
+    if not outer_fsdp:
+        if data % n_hosts:
+            raise ShardingError(f"{n_hosts} {units} need mesh.data ({data}) divisible by the {unit} count, so "
+                                f"that data spans the nodes and fsdp/tensor/sequence stay inside one (or set "
+                                f"mesh.fsdp_across_hosts=true)")
+        dcn = (n_hosts, 1, 1, 1)
+    else:
+        # data takes gcd(data, hosts) of the hosts; the rest divides fsdp, since data x fsdp = hosts x k once
+        # tensor x sequence divides a host (checked above) and hosts/gcd is coprime with data/gcd
+        d = math.gcd(data, n_hosts)
+        dcn = (d, n_hosts // d, 1, 1)
+    return dcn, tuple(s // c for s, c in zip(shape, dcn))
 
 
 def axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:

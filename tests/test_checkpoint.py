@@ -112,3 +112,23 @@ def test_data_state_file_per_process(tmp_path):
     ck.close()
     f = tmp_path / "4" / "data" / "process_0-of-1.json"
     assert json.loads(f.read_text()) == {"next_batch": 4}
+
+
+def test_data_state_restores_onto_another_process_count(tmp_path):
+    """A checkpoint written by 2 processes (same global loader state in both files) restores on 1; states
+    that differ between the writers are refused, naming the files."""
+    mesh = _mesh((8,), ("fsdp",), jax.devices()[:8])
+    params, opt = _tree(mesh, P("fsdp", None), P())
+    ck = checkpoint.Checkpointer(tmp_path, keep=2, async_save=False)
+    ck.save(4, _State(jnp.int32(4), params, opt), {"next_batch": 4}, {})
+    ck.save(5, _State(jnp.int32(5), params, opt), {"next_batch": 5}, {})
+    ck.close()
+    for step, second in ((4, {"next_batch": 4}), (5, {"next_batch": 7})):
+        d = tmp_path / str(step) / "data"
+        (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")
+        (d / "process_1-of-2.json").write_text(json.dumps(second))
+    ck = checkpoint.Checkpointer(tmp_path, keep=2, async_save=False)
+    assert ck.restore(4, params, {"step": jnp.int32(0), "opt_state": opt})["data"] == {"next_batch": 4}
+    with pytest.raises(checkpoint.CheckpointError, match=r"differ between the processes .*process_0-of-2.json"):
+        ck.restore(5, params, {"step": jnp.int32(0), "opt_state": opt})
+    ck.close()

@@ -5,26 +5,14 @@
 Config: `--config FILE.py:ARG` plus typed `--config.a.b=value` overrides (ovjax/config.py); the schema is
 in ovjax/train/config.py and configs/. Data: `data.train` = a packed directory (`python -m ovjax pack`, or
 `python -m ovjax synth` for the synthetic set); empty, the tiny presets make the synthetic set first.
-Exit status: 0 done, 2 config error, 3 stopped on a non-finite loss.
+Several processes: see ovjax/distributed.py (OVJAX_* or SLURM variables; launch/local_multiprocess.sh).
+Exit status: 0 done, 2 config or launch error, 3 stopped on a non-finite loss, 75 a peer process was lost.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-
-def maybe_init_distributed() -> None:
-    """Several processes: `jax.distributed.initialize` from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-    JAX_PROCESS_ID (or the cluster auto-detection when OVJAX_DISTRIBUTED=1)."""
-    import jax
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]))
-    elif os.environ.get("OVJAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
-    maybe_init_distributed()
+    from ovjax import distributed, sharding
+
+    try:  # several processes (ovjax/distributed.py): join, check the mesh fits the hosts, report
+        distributed.initialize()
+        print(distributed.startup_report(sharding.make_mesh(cfg.mesh)), flush=True)
+    except (distributed.DistributedError, sharding.ShardingError) as e:
+        print(f"train: launch error: {e}", file=sys.stderr)
+        return 2
     try:
         loop.run(cfg, args.workdir)
     except loop.NonFiniteLoss as e:
@@ -52,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        distributed.wait_for_lost_peer()  # a collective failed because a peer died: name it, exit 75
+        raise
+    distributed.shutdown()
     return 0
 
 

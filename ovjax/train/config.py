@@ -12,9 +12,12 @@ from ovjax.config import ConfigError
 from ovjax.configs.models import preset
 
 
-def mesh_config(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1) -> ml_collections.ConfigDict:
-    """Mesh axis sizes; exactly one may be -1 (it takes the remaining devices)."""
-    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence))
+def mesh_config(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
+                fsdp_across_hosts: bool = False) -> ml_collections.ConfigDict:
+    """Mesh axis sizes; exactly one may be -1 (it takes the remaining devices). fsdp_across_hosts: on several
+    hosts an outer part of fsdp may span hosts when data alone cannot (ovjax.sharding.make_mesh)."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, sequence=sequence,
+                                          fsdp_across_hosts=fsdp_across_hosts))
 
 
 def optim_config(**kw) -> ml_collections.ConfigDict:
