@@ -169,6 +169,17 @@ def hybrid_shape(shape: Sequence[int], n_hosts: int, per_host: int, outer_fsdp: 
     return dcn, tuple(s // c for s, c in zip(shape, dcn))
 
 
+def data_parallel_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """Every device on the pure data-parallel axis: for batch work with replicated weights (embedding,
+    retrieval)."""
+    return make_mesh({a: (-1 if a == "data" else 1) for a in MESH_AXES}, devices)
+
+
+def fully_sharded_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """Every device on `fsdp`: weights split over all of them (imports, exports)."""
+    return make_mesh({a: (-1 if a == "fsdp" else 1) for a in MESH_AXES}, devices)
+
+
 def axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
     if axes is None:
         return 1

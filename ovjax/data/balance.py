@@ -149,7 +149,7 @@ def default_mesh():
     """All local devices on the batch axes (rows of images split over every device)."""
     from ovjax import sharding
 
-    return sharding.make_mesh({a: (-1 if a == sharding.BATCH_AXES[0] else 1) for a in sharding.MESH_AXES})
+    return sharding.data_parallel_mesh()
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -46,7 +46,7 @@ def matching_preset(cfg) -> str | None:
 
 
 def import_hf(hf_dir: str, out: str, *, preset: str | None = None, dtype: str = "float32", log=print) -> str:
-    mesh = sharding.make_mesh({"fsdp": -1})
+    mesh = sharding.fully_sharded_mesh()
     model = load(hf_dir, dtype, remote_code_quirks=False, mesh=mesh)
     cfg = ml_collections.ConfigDict(model.cfg.to_dict())
     found = matching_preset(cfg)
