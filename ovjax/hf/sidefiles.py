@@ -36,6 +36,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# model config field -> its key in `token_ids`
+TOKEN_KEYS = {"image_token_id": "image_pad", "video_token_id": "video_pad", "vision_start_token_id": "vision_start",
+              "vision_end_token_id": "vision_end"}
+
+
 def find_tokenizer_dir(*candidates) -> str | None:
     """The first candidate directory holding a tokenizer.json."""
     for c in candidates:
@@ -81,8 +86,7 @@ def write_side_files(out: str, *, tokenizer_dir: str | None, min_pixels: int, ma
     else:
         ids = token_ids(tokenizer_dir)
         if cfg is not None and cfg.vision is not None:
-            for key, name in (("image_pad", "image_token_id"), ("vision_start", "vision_start_token_id"),
-                              ("vision_end", "vision_end_token_id"), ("video_pad", "video_token_id")):
+            for name, key in TOKEN_KEYS.items():
                 if ids[key] != cfg[name]:
                     raise CheckpointError(f"tokenizer {tokenizer_dir} has {key} id {ids[key]} but the model's "
                                           f"{name} is {cfg[name]}")

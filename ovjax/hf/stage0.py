@@ -1,7 +1,8 @@
 """Stage 0: a RICE-ViT in the transformers `mlcd` layout + a Qwen3 LLM + a fresh projector, streamed.
 
 The head is always untied (the released checkpoints have their own `lm_head`); a tied LLM's head starts as a
-copy of its embedding matrix. Special token ids are the Qwen2 ones (configs/models.py QWEN_TOKENS).
+copy of its embedding matrix. Special token ids are the tokenizer's (the LLM directory's, or `tokenizer`), else
+the Qwen2 ones (configs/models.py QWEN_TOKENS).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from ovjax.configs import models as model_configs
-from ovjax.hf import keymap
+from ovjax.hf import keymap, sidefiles
 from ovjax.hf.config import config_from_hf, vision_config_from_mlcd
 from ovjax.hf.files import CheckpointError, DictSource, TensorSource, read_json
 from ovjax.hf.loading import TIED_HEAD_NOTE, check_vocab, target_shardings
@@ -26,8 +27,9 @@ from ovjax.models.vision import VisionTower
 from ovjax.models.vlm import abstract_params, dtype_of, freeze
 
 
-def stage0_config(vit_path: str, llm_path: str, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, bool]:
-    """-> (our config, whether the source LLM was tied)."""
+def stage0_config(vit_path: str, llm_path: str, dtype: str = "float32",
+                  tokenizer: str | None = None) -> tuple[ml_collections.ConfigDict, bool]:
+    """-> (our config, whether the source LLM was tied). Token ids from `tokenizer` or the LLM dir's tokenizer."""
     where = os.path.join(llm_path, "config.json")
     cfg = config_from_hf(read_json(where), where=where)
     if cfg.vision is not None:
@@ -36,8 +38,10 @@ def stage0_config(vit_path: str, llm_path: str, dtype: str = "float32") -> tuple
     cfg.text.tie_word_embeddings = False
     where = os.path.join(vit_path, "config.json")
     cfg.vision = vision_config_from_mlcd(read_json(where), cfg.text.hidden_size, where=where)
+    tok = sidefiles.find_tokenizer_dir(tokenizer, llm_path)
+    ids = sidefiles.token_ids(tok) if tok else None
     for k, v in model_configs.QWEN_TOKENS.items():
-        cfg[k] = v
+        cfg[k] = v if ids is None else ids[sidefiles.TOKEN_KEYS[k]]
     cfg.name = "stage0"
     cfg.dtype = cfg.param_dtype = dtype
     model_configs.validate(cfg)
@@ -61,10 +65,11 @@ def fresh_merger(cfg, seed: int, dtype) -> dict:
 
 
 def assemble_stage0(vit_path: str, llm_path: str, *, seed: int = 0, dtype: str = "float32", shardings=None,
-                    mesh=None) -> Model:
-    """The stage-0 Model from two hub directories. shardings / mesh as in `hf.load`."""
+                    mesh=None, tokenizer: str | None = None) -> Model:
+    """The stage-0 Model from two hub directories. shardings / mesh as in `hf.load`; tokenizer: the dir whose
+    special-token ids the model takes (default: the LLM dir's, when it has a tokenizer.json)."""
     vit_path, llm_path = os.fspath(vit_path), os.fspath(llm_path)
-    cfg, tied = stage0_config(vit_path, llm_path, dtype)
+    cfg, tied = stage0_config(vit_path, llm_path, dtype, tokenizer)
     target = abstract_params(cfg)
     shardings = target_shardings(cfg, shardings, mesh)
     np_dtype = np.dtype(dtype_of(dtype))
