@@ -13,17 +13,15 @@ Peak lr 3e-3 everywhere; warmup 10 steps in stages 1 and 1.5, 50 in stage 2 (was
 optimizer reaching 3e-3 in 10 steps left some runs image-blind for most of stage 2).
 
 Measured with the 50-step stage-2 warmup, `python -m ovjax demo --seed N` on the 2-core CPU machine (AMD
-EPYC, AVX2 without AVX-512) shared with six other jobs (load average 14-20), 2 runs (seeds 0 and 1; seeds
-2-4 were not run yet): held-out colour 100-100%, count 96.2-96.2%, shape 53.3-73.3%, position 50.0-82.5%;
-the zero-image control at chance (16.7 / 25.0 / 33.3 / 25.0%) in both. At stage 2's step 100 colour was
-already at 90% (seed 0) and 98% (seed 1) against 17% zero-image: both left the image-blind state early.
+EPYC, AVX2 without AVX-512), 3 runs (seeds 0, 1, 2 from a fresh clone; seeds 3-4 not run yet): held-out colour
+100-100%, count 96.2-100%, shape 53.3-85.0%, position 50.0-82.5%; the same accuracies when every question is
+answered by free generation (ovjax.generate); the zero-image control within 2.5 points of chance. At stage 2's
+step 100 colour was already at 90-98% against 17% zero-image: every run left the image-blind state early.
+Wall time: seed 0 319 s on a quiet box (7m46s with the install); 565-671 s beside a test run.
 `XLA_FLAGS=--xla_cpu_max_isa=AVX2` is no other rounding on this CPU: stage 2 of seed 0 gave bit-identical
 losses with and without it (compared to step 140). Another rounding of stage 2 instead: seed 0's stage 2 on
 `--devices 2` (data=2 x fsdp=1; same stage-1.5 params, losses apart from step 50 on): 100 / 100 / 70.0 /
 65.0%, colour 90% at step 100, control at chance, stage 2 359 s (load ~7).
-Wall time under that load: seed 1 1834 s (whole run); seed 0 850 s for stage 2 + evaluation, reusing the data
-and stages 1-1.5 of the baseline run (~510 s of it), so ~23 minutes. An unloaded run was not measured here
-(the issue's fresh clone: about 4 minutes).
 Baseline, the old 10-step warmup, seed 0 on this machine: 100 / 98.8 / 80.0 / 50.0% (it passed here; the
 issue's failing machine gave 86.7 / 77.5 / 33.3 / 25.0%).
 """
