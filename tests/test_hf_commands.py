@@ -62,8 +62,9 @@ def test_export_reloads_to_the_training_logits(trained, exported):
                  "generation_config.json", "preprocessor_config.json"):
         assert (exported / name).is_file(), name
     config = json.loads((exported / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForCausalLM"].endswith(
-        "modeling_llavaonevision1_5.LLaVAOneVision1_5_ForConditionalGeneration")
+    assert config["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_llavaonevision1_5.LLaVAOneVision1_5_ForConditionalGeneration"
+    assert not any("--" in v for v in config["auto_map"].values())  # no pointer to another repository's code
     assert config["text_config"]["vocab_size"] == params["language_model"]["embed_tokens"].shape[0]
     proc = json.loads((exported / "preprocessor_config.json").read_text())
     run = ml_collections.ConfigDict(json.loads(meta["config"]))

@@ -17,19 +17,13 @@ from ovjax.hf.files import CheckpointError
 
 LLAVA_TYPES = ("llavaonevision1_5", "llava_onevision1_5")
 
-# The released checkpoints' remote code; an exported directory points at it (transformers resolves
-# "repo--module.Class" by downloading that repo's code, with trust_remote_code=True).
-REMOTE_CODE_REPO = "lmms-lab/LLaVA-OneVision-1.5-8B-Instruct"
+# The released checkpoints' `auto_map`, as bare "module.Class" names: they name files that would sit in the
+# exported directory itself, so nothing here points transformers at code to download from another repository.
 AUTO_MAP = {
     "AutoConfig": "configuration_llavaonevision1_5.Llavaonevision1_5Config",
     "AutoModel": "modeling_llavaonevision1_5.LLaVAOneVision1_5_ForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_llavaonevision1_5.LLaVAOneVision1_5_ForConditionalGeneration",
 }
-
-
-def auto_map(code_repo: str | None = REMOTE_CODE_REPO) -> dict:
-    """The released `auto_map`; with code_repo, each entry names that repository ("repo--module.Class")."""
-    return {k: (f"{code_repo}--{v}" if code_repo else v) for k, v in AUTO_MAP.items()}
 
 
 def _refuse(where: str, key: str, value, allowed: str):
@@ -135,7 +129,7 @@ def vision_config_from_mlcd(hf: dict, out_hidden: int, where: str = "MLCD config
     return v
 
 
-def config_to_hf(cfg, shapes, *, dtype_name: str, code_repo: str | None = REMOTE_CODE_REPO) -> dict:
+def config_to_hf(cfg, shapes, *, dtype_name: str) -> dict:
     """A hub config.json: sizes from the param shapes (`shapes`: a param-shaped tree of objects with .shape),
     constants from cfg, in the fixture's (remote-code) layout with the released `auto_map`."""
     lm = shapes["language_model"]
@@ -174,7 +168,7 @@ def config_to_hf(cfg, shapes, *, dtype_name: str, code_repo: str | None = REMOTE
     # Tying is stated in text_config too: transformers decides from there, so both places must agree.
     text.update({"model_type": "LLaVAOneVision1_5_text", "rope_scaling": None, "tie_word_embeddings": tied,
                  "image_token_id": None, "video_token_id": None})
-    return {"architectures": ["LLaVAOneVision1_5_ForConditionalGeneration"], "auto_map": auto_map(code_repo),
+    return {"architectures": ["LLaVAOneVision1_5_ForConditionalGeneration"], "auto_map": dict(AUTO_MAP),
             "dtype": dtype_name, "image_token_id": int(cfg.image_token_id), "model_type": "llavaonevision1_5",
             "text_config": text, "tie_word_embeddings": tied, "video_token_id": int(cfg.video_token_id),
             "vision_config": vision, "vision_start_token_id": int(cfg.vision_start_token_id),
