@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ovjax.models import lora
+
 # Qwen2 special token ids (the released checkpoints' tokenizer).
 QWEN_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
@@ -38,6 +40,7 @@ def _runtime(cfg):
     cfg.param_dtype = "float32"
     cfg.attention_impl = "xla"     # xla | pallas | cudnn | auto
     cfg.remat = "none"             # none | full | dots | dots_no_batch | save_attention | dots_attention
+    cfg.lora = lora.config()       # LoRA adapters: rank 0 = none (ovjax/models/lora.py)
     return cfg
 
 

@@ -52,7 +52,7 @@ RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("vit_mlp", WEIGHT_AXES), ("vit_mlp", ("fsdp",)),
     ("merger_mlp", WEIGHT_AXES), ("merger_mlp", ("fsdp",)),
     ("vocab", WEIGHT_AXES), ("vocab", ("fsdp",)),
-    ("layers", None), ("qkv", None),
+    ("layers", None), ("qkv", None), ("lora_rank", None),
     # --- activations (block edges; see ovjax/models/layers.py)
     ("act_batch", BATCH_AXES),
     ("act_seq", ("sequence",)),

@@ -3,7 +3,8 @@
     python -m ovjax export --checkpoint WORKDIR [--step N] --out HFDIR [--dtype bfloat16] [--tokenizer DIR]
                            [--max-shard-gb 5]
 
-Only the `params` item of the step is read (never the optimizer state); tensors are converted and written one
+Only the `params` item of the step is read (never the optimizer state); LoRA adapters (model.lora.rank > 0)
+are folded into their kernels, W + (alpha / rank) A B, so the export is a plain model; tensors are converted and written one
 at a time (peak host memory: the restored params + about one tensor). The directory gets config.json (sizes
 from the tensors, the released `auto_map`), safetensors (sharded with an index beyond the cap), tokenizer
 files, chat_template.jinja, generation_config.json and preprocessor_config.json (the run's min/max pixels);
@@ -24,6 +25,7 @@ from ovjax.data import images
 from ovjax.hf import sidefiles
 from ovjax.hf.files import CheckpointError
 from ovjax.hf.writer import write_hf
+from ovjax.models import lora
 
 
 def run_config(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, dict]:
@@ -45,6 +47,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     params = checkpoint.load_params(workdir, step=step)
     if os.path.exists(out) and os.listdir(out):
         raise CheckpointError(f"{out} exists and is not empty; choose a new --out")
+    if lora.enabled(model_cfg):
+        params = lora.merged(params, model_cfg.lora)
+        log(f"folded the LoRA adapters (rank {model_cfg.lora.rank}, alpha {model_cfg.lora.alpha}) into the kernels")
+        model_cfg = lora.without_lora(model_cfg)
     os.makedirs(out, exist_ok=True)
     dt = dtype or model_cfg.get("param_dtype", "float32")
     from ovjax.models.vlm import dtype_of

@@ -70,6 +70,8 @@ class Dense(nn.Module):
     """y = x @ kernel (+ bias), kernel [*in_shape, *out_shape] contracting the last len(in_shape) dims of x.
 
     in_names / out_names are the logical names of the kernel's input and output dimensions.
+    lora_rank > 0 adds a LoRA adapter (ovjax/models/lora.py): y += (lora_alpha / lora_rank) * (x A) B with
+    A `lora_a` [*in_shape, rank], B `lora_b` [rank, *out_shape].
     """
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -79,6 +81,8 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = default_kernel_init
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -93,10 +97,30 @@ class Dense(nn.Module):
             ((tuple(range(batch_dims, x.ndim)), tuple(range(n_in))), ((), ())),
             preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None,
         )
+        if self.lora_rank:
+            y = y + self._adapter(x, batch_dims).astype(y.dtype)
         if self.use_bias:
             bias = param(self, "bias", self.out_names, self.out_shape, nn.initializers.zeros, self.param_dtype)
             y = y + bias.astype(y.dtype)
         return y.astype(self.dtype)
+
+
+    def _adapter(self, x, batch_dims: int):
+        from ovjax.models import lora
+
+        n_in, r = len(self.in_shape), self.lora_rank
+        fan_in = 1
+        for d in self.in_shape:
+            fan_in *= d
+        # adapters are created (and kept) in float32 whatever the base's param_dtype
+        a = param(self, "lora_a", self.in_names + ("lora_rank",), self.in_shape + (r,), lora.a_initializer(fan_in))
+        b = param(self, "lora_b", ("lora_rank",) + self.out_names, (r,) + self.out_shape, nn.initializers.zeros)
+        xa = jax.lax.dot_general(x.astype(self.dtype), a.astype(self.dtype),
+                                 ((tuple(range(batch_dims, x.ndim)), tuple(range(n_in))), ((), ())),
+                                 preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None)
+        out = jax.lax.dot_general(xa, b.astype(self.dtype), (((xa.ndim - 1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32 if self.dtype == jnp.float32 else None)
+        return out * jnp.asarray(self.lora_alpha / r, out.dtype)
 
 
 def remat_policy(name: str):

@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ovjax.models import rope
+from ovjax.models import layers, lora, rope
 from ovjax.models.attention import attention
-from ovjax.models.layers import Dense, RMSNorm, constrain, maybe_remat, param
+from ovjax.models.layers import RMSNorm, constrain, maybe_remat
 
 EMPTY_SLOT = -1
 
@@ -26,11 +26,15 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Any = None  # the model's `lora` section (ovjax/models/lora.py) or None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids, positions, layer_cache, cache_meta):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def Dense(*args, name, **more):  # noqa: N802 (the layer, with this projection's adapter if any)
+            return layers.Dense(*args, name=name, **more, **lora.dense_kwargs(self.lora, name))
         h_, hq, hkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         h = RMSNorm(h_, c.rms_norm_eps, "embed", self.param_dtype, name="input_layernorm")(x)
@@ -71,6 +75,7 @@ class Qwen3(nn.Module):
     remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Any = None
 
     def setup(self):
         c = self.cfg
@@ -81,7 +86,7 @@ class Qwen3(nn.Module):
         self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                               length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            c, self.attention_impl, self.dtype, self.param_dtype)
+            c, self.attention_impl, self.dtype, self.param_dtype, self.lora)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "embed", self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = self.param(

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ovjax.models import rope
+from ovjax.models import layers, lora, rope
 from ovjax.models.attention import attention
 from ovjax.models.layers import Dense, LayerNorm, constrain, maybe_remat, param
 
@@ -27,6 +27,7 @@ class VisionBlock(nn.Module):
     attention_impl: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Any = None  # the model's `lora` section (ovjax/models/lora.py) or None
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
@@ -34,6 +35,9 @@ class VisionBlock(nn.Module):
         d, heads = c.hidden_size, c.num_heads
         hd = d // heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def Dense(*args, name, **more):  # noqa: N802 (the layer, with this projection's adapter if any)
+            return layers.Dense(*args, name=name, **more, **lora.dense_kwargs(self.lora, name, vision=True))
         x = constrain(x, ("act_batch", "act_patches", "act_vit_embed"))
         h = LayerNorm(d, c.layer_norm_eps, "vit_embed", self.param_dtype, name="norm1")(x)
         qkv = Dense((d,), (3, heads, hd), ("vit_embed",), ("qkv", "vit_heads", "vit_head_dim"), use_bias=True,
@@ -57,6 +61,7 @@ class VisionTower(nn.Module):
     remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: Any = None
 
     @nn.compact
     def __call__(self, patches, patch_segment, patch_hw, num_images: int):
@@ -87,7 +92,7 @@ class VisionTower(nn.Module):
         blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(c, self.attention_impl, self.dtype, self.param_dtype, name="blocks")(x, cos, sin, segment_ids)
+        x, _ = blocks(c, self.attention_impl, self.dtype, self.param_dtype, self.lora, name="blocks")(x, cos, sin, segment_ids)
         out = x[:, :p]
         if c.get("remote_code_cls_shift", False):
             out = _remote_code_cls_windows(out, x[:, p:], patch_segment)

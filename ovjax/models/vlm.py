@@ -18,6 +18,7 @@ import numpy as np
 
 from ovjax.data import batch as batch_lib
 from ovjax.data.images import patch_positions  # noqa: F401 (tests and benches import it from here)
+from ovjax.models import lora
 from ovjax.models.layers import constrain
 from ovjax.models.projector import PatchMerger
 from ovjax.models.qwen3 import Qwen3
@@ -45,16 +46,18 @@ def scatter_image_features(embeds, tokens, features, image_token_id: int):
 
 
 class VLM(nn.Module):
-    """The whole model. Parameters: visual (ViT), merger, language_model (Qwen3)."""
+    """The whole model. Parameters: visual (ViT), merger, language_model (Qwen3); with `cfg.lora.rank` > 0
+    also LoRA adapters beside the targeted projections' kernels (ovjax/models/lora.py)."""
     cfg: Any  # a model config (configs/models.py), frozen
 
     def setup(self):
         c = self.cfg
         kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
+        adapters = c.get("lora") if lora.enabled(c) else None
         if c.vision is not None:
-            self.visual = VisionTower(c.vision, c.attention_impl, c.remat, **kw)
+            self.visual = VisionTower(c.vision, c.attention_impl, c.remat, lora=adapters, **kw)
             self.merger = PatchMerger(c.vision, **kw)
-        self.language_model = Qwen3(c.text, c.attention_impl, c.remat, **kw)
+        self.language_model = Qwen3(c.text, c.attention_impl, c.remat, lora=adapters, **kw)
 
     def image_features(self, patches, patch_segment, patch_hw, num_images: int):
         """-> merged features [B, P/4, H_text]."""

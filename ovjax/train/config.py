@@ -26,6 +26,7 @@ def optim_config(**kw) -> ml_collections.ConfigDict:
         lr=1e-5, min_lr=1e-6, warmup_fraction=0.002, warmup_steps=-1,
         b1=0.9, b2=0.99, eps=1e-5, weight_decay=0.0, clip_norm=1.0,
         trainable=("visual", "merger", "language_model"), frozen=(),
+        frozen_dtype="",                    # "" | "bfloat16": frozen params held in bf16 (LoRA's base)
         # per-prefix peak learning rates; None = optim.lr
         groups=ml_collections.ConfigDict(dict(visual=None, merger=None, language_model=None)),
     ))
@@ -132,5 +133,23 @@ def validate(cfg) -> None:
             v = cfg.eval.get(key) if "eval" in cfg else None
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"data.eval is set: eval.{key} must be an int >= 0, got {v!r}")
+    _validate_lora(cfg)
     if t.batch_size % t.micro_batches:
         raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by train.micro_batches {t.micro_batches}")
+
+
+def _validate_lora(cfg) -> None:
+    from ovjax.models import lora
+    from ovjax.train import optim
+
+    try:
+        lora.validate(cfg.model.get("lora"))
+        optim.frozen_dtype(cfg.optim)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    selected = optim.LORA_SELECTOR in tuple(cfg.optim.trainable)
+    if lora.enabled(cfg.model) and not selected:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank} but optim.trainable "
+                          f"{tuple(cfg.optim.trainable)} lacks 'lora': the adapters would never train")
+    if selected and not lora.enabled(cfg.model):
+        raise ConfigError("optim.trainable names 'lora' but model.lora.rank is 0 (no adapters)")

@@ -139,7 +139,9 @@ def startup_report(cfg, setup, workdir: Path, data_dir: Path, loader, start, log
     log("=" * 72)
     log(f"ovjax train  workdir {workdir}")
     log(state_lib.report(setup))
-    log(f"model {cfg.model.name}: {sum(sizes.values()):,} params, {n_train:,} trainable ({', '.join(towers)}); "
+    from ovjax.models import lora
+    parts = sorted({p.split("/")[0] + (" adapters" if lora.is_adapter(p) else "") for p in setup.trainable})
+    log(f"model {cfg.model.name}: {sum(sizes.values()):,} params, {n_train:,} trainable ({', '.join(parts)}); "
         f"compute {cfg.model.dtype}, remat {cfg.model.remat}, attention {cfg.model.attention_impl}")
     log(f"batch {t.batch_size} rows x {t.seq_len} tokens, {t.max_patches} patches/row, micro-batches "
         f"{t.micro_batches}; {step_flops / 1e9:.2f} GFLOP/step; peak {peak / 1e12:.3f} TFLOP/s/device ({peak_src})")

@@ -2,10 +2,11 @@
 per-group learning rates (spec/model.md section 7).
 
 Params are addressed by slash paths (`language_model/layers/q_proj/kernel`). Config (`optim` section):
-  trainable: path prefixes that train (stage 1: ("merger",); later: the three towers); frozen: prefixes
-  excluded again (e.g. "visual/class_pos_emb"); groups: {prefix: lr or None} (None = optim.lr; the longest
+  trainable: path prefixes that train (stage 1: ("merger",); later: the three towers), or "lora" = every
+  LoRA adapter leaf (`*/lora_a`, `*/lora_b`, ovjax/models/lora.py); frozen: prefixes (or "lora") excluded again (e.g. "visual/class_pos_emb"); groups: {prefix: lr or None} (None = optim.lr; the longest
   matching prefix wins); lr, min_lr, warmup_fraction (or warmup_steps >= 0), b1, b2, eps, weight_decay,
-  clip_norm. Weight decay applies to matrices only (kernels, embeddings), not to norms, biases, CLS.
+  clip_norm, frozen_dtype ("" or "bfloat16": frozen params held in bf16, e.g. a LoRA run's base).
+  Weight decay applies to matrices only (kernels, embeddings), not to norms, biases, CLS.
 
 Only trainable params enter the optimizer: frozen ones carry no optimizer state and get no gradient.
 """
@@ -20,7 +21,10 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-DECAYED_LEAVES = ("kernel", "embed_tokens", "lm_head")
+from ovjax.models import lora
+
+DECAYED_LEAVES = ("kernel", "embed_tokens", "lm_head", *lora.LEAVES)
+LORA_SELECTOR = "lora"
 
 
 def flat(params) -> dict[str, Any]:
@@ -32,6 +36,8 @@ def nest(flat_params: dict[str, Any]):
 
 
 def _matches(path: str, prefix: str) -> bool:
+    if prefix == LORA_SELECTOR:
+        return lora.is_adapter(path)
     prefix = prefix.strip("/")
     return path == prefix or path.startswith(prefix + "/")
 
@@ -41,6 +47,8 @@ def trainable_paths(params, optim_cfg) -> list[str]:
     paths = list(flat(params))
     for field in ("trainable", "frozen"):
         for prefix in optim_cfg.get(field, ()) or ():
+            if prefix == LORA_SELECTOR and not any(lora.is_adapter(p) for p in paths):
+                raise ValueError(f"optim.{field} names 'lora' but the model has no adapters (model.lora.rank is 0)")
             if not any(_matches(p, prefix) for p in paths):
                 raise ValueError(f"optim.{field} prefix {prefix!r} matches no parameter; top level: "
                                  f"{sorted({p.split('/')[0] for p in paths})}")
@@ -50,6 +58,23 @@ def trainable_paths(params, optim_cfg) -> list[str]:
         raise ValueError(f"no parameter is trainable with optim.trainable={tuple(optim_cfg.trainable)} and "
                          f"optim.frozen={tuple(optim_cfg.get('frozen', ()) or ())}")
     return sorted(train)
+
+
+def frozen_dtype(optim_cfg):
+    """`optim.frozen_dtype`: the dtype frozen params are held in ("" = as the model makes them)."""
+    name = optim_cfg.get("frozen_dtype", "") or ""
+    if name not in ("", "float32", "bfloat16"):
+        raise ValueError(f"optim.frozen_dtype must be '', 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name) if name else None
+
+
+def with_frozen_dtype(abstract_params, paths: list[str], dtype):
+    """Abstract params with every leaf not in `paths` (the frozen ones) of `dtype` (None: unchanged)."""
+    if dtype is None:
+        return abstract_params
+    keep = set(paths)
+    return nest({k: v if k in keep else jax.ShapeDtypeStruct(v.shape, dtype)
+                 for k, v in flat(abstract_params).items()})
 
 
 def split(params, paths: list[str]):

@@ -1,7 +1,8 @@
 """Where a run starts: the latest complete checkpoint in its workdir (exact resume: train state, data
 iterator state and counters); else `init.from_checkpoint` (a previous stage's workdir: params only, fresh
 optimizer); else `init.from_hf` (a hub-layout directory); else random init with `train.seed`. A source whose
-model config differs from the run's is refused, naming the fields that differ.
+model config differs from the run's is refused, naming the fields that differ. A LoRA run (model.lora.rank
+> 0) may start from a source without adapters: the base is read, the adapters start fresh.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from ovjax.config import ConfigError
+from ovjax.models import lora
 
 COUNTERS = ("samples_seen", "tokens_seen", "supervised_tokens_seen", "images_seen", "skipped_updates")
 
@@ -51,9 +53,18 @@ def initial_state(cfg, setup, train_step, ckpt, log=print) -> Start:
             diff = differences(mine, theirs)
             if diff:
                 raise ConfigError(f"init.from_checkpoint={src}: its model config differs in {diff}")
-        params = checkpoint.load_params(src, setup.abstract_with_shardings().params)
+        theirs_lora = json.loads(prev["config"])["model"].get("lora") if "config" in prev else None
+        mine_lora = json.loads(cfg.to_json())["model"].get("lora")
+        target = setup.abstract_with_shardings().params
+        if _adapters_differ(mine_lora, theirs_lora):
+            if theirs_lora and theirs_lora.get("rank"):
+                raise ConfigError(f"init.from_checkpoint={src}: its LoRA adapters (model.lora {theirs_lora}) "
+                                  f"differ from this run's ({mine_lora}); export it merged and start from that")
+            params, note = with_fresh_adapters(setup, lambda base: checkpoint.load_params(src, base)), ", fresh adapters"
+        else:
+            params, note = checkpoint.load_params(src, target), ""
         return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
-                     f"params of {checkpoint.checkpoint_dir(src)} (step {prev.get('step')}), fresh optimizer")
+                     f"params of {checkpoint.checkpoint_dir(src)} (step {prev.get('step')}), fresh optimizer{note}")
     if cfg.init.from_hf:
         import os
 
@@ -73,12 +84,42 @@ def initial_state(cfg, setup, train_step, ckpt, log=print) -> Start:
             raise ConfigError(f"init.from_hf={src}: its config.json describes another model than "
                               f"model.* of this run; they differ in {diff}")
         # each tensor is read straight into the run's param shardings (never whole on one device)
-        model = hf.load(src, str(cfg.model.param_dtype), remote_code_quirks=False,
-                        shardings=setup.shardings.params)
-        return Start(state_lib.state_from_params(setup, model.params), 0, dict(zero), None,
-                     f"imported {src}, fresh optimizer")
+        def read(base_target):
+            return hf.load(src, str(cfg.model.param_dtype), remote_code_quirks=False, shardings=base_target).params
+        params = with_fresh_adapters(setup, read)
+        note = ", fresh adapters" if lora.enabled(cfg.model) else ""
+        return Start(state_lib.state_from_params(setup, params), 0, dict(zero), None,
+                     f"imported {src}, fresh optimizer{note}")
     return Start(train_step.init(int(cfg.train.seed)), 0, dict(zero), None,
                  f"random init (train.seed={cfg.train.seed})")
+
+
+def _adapters_differ(mine: dict | None, theirs: dict | None) -> bool:
+    rank = (mine or {}).get("rank", 0)
+    return bool(rank or (theirs or {}).get("rank", 0)) and (mine or {}) != (theirs or {})
+
+
+def with_fresh_adapters(setup, read_base):
+    """The run's params from a source without LoRA adapters: `read_base(base target)` reads the base (a tree
+    of ShapeDtypeStruct with shardings, adapters left out); the adapters are made fresh (B = 0, so the model
+    starts exactly at the base), in their shardings, from `train.seed`. Without adapters: read_base(all)."""
+    import jax
+
+    from ovjax.models import vlm
+    from ovjax.train import optim
+
+    target = setup.abstract_with_shardings().params
+    adapter_paths = [p for p in optim.flat(target) if lora.is_adapter(p)]
+    if not adapter_paths:
+        return read_base(target)
+    adapter_target, base_target = optim.split(target, adapter_paths)
+    base = read_base(base_target)
+    shards = jax.tree_util.tree_map(lambda a: a.sharding, adapter_target)
+
+    def fresh(key):  # only the adapters leave the jit: the rest of the random init is dead code
+        return optim.split(vlm.init_params(setup.model_cfg, key), adapter_paths)[0]
+    adapters = jax.jit(fresh, out_shardings=shards)(jax.random.PRNGKey(int(setup.cfg.train.seed)))
+    return optim.merge(adapters, base)
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -96,6 +137,6 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def _model_section(cfg_json: dict) -> dict:
     """The model fields a checkpoint's params depend on (numerics and memory knobs left out)."""
     m = dict(cfg_json["model"])
-    for k in ("dtype", "param_dtype", "attention_impl", "remat"):
+    for k in ("dtype", "param_dtype", "attention_impl", "remat", "lora"):  # lora: handled apart
         m.pop(k, None)
     return m

@@ -1,6 +1,7 @@
 """The train state (one pytree) and its sharded creation.
 
-TrainState: step int32 (), params (the whole model, float32 unless model.param_dtype says otherwise),
+TrainState: step int32 (), params (the whole model, float32 unless model.param_dtype or, for the frozen
+ones, optim.frozen_dtype says otherwise),
 opt_state (optax state over the trainable params only; float32). Compute dtype is model.dtype (bf16 for
 the big presets): the model casts weights per matmul, params and optimizer state stay float32.
 
@@ -56,6 +57,7 @@ def build(cfg, mesh: Mesh) -> Setup:
     params_abs = sharding.unbox(boxed)
     param_shards = sharding.param_shardings(boxed, mesh)
     paths = optim.trainable_paths(params_abs, cfg.optim)
+    params_abs = optim.with_frozen_dtype(params_abs, paths, optim.frozen_dtype(cfg.optim))
     trainable_abs, _ = optim.split(params_abs, paths)
     tx, schedules = optim.make_optimizer(cfg.optim, trainable_abs, int(cfg.train.steps))
     opt_abs = jax.eval_shape(tx.init, trainable_abs)
@@ -69,6 +71,8 @@ def build(cfg, mesh: Mesh) -> Setup:
 
 
 def _fresh(setup: Setup, params) -> TrainState:
+    # params take the state's dtypes (frozen params may be held in bf16: optim.frozen_dtype)
+    params = jax.tree_util.tree_map(lambda p, a: p.astype(a.dtype), params, setup.abstract.params)
     trainable, _ = optim.split(params, list(setup.trainable))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=setup.tx.init(trainable))
 
