@@ -364,8 +364,11 @@ def shard_bytes(x, sharding) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def per_device_bytes(tree, shardings) -> int:
-    return sum(shard_bytes(x, s) for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)))
+def per_device_bytes(tree, shardings, memory_kind: str | None = None) -> int:
+    """Bytes one device's shards of `tree` take; `memory_kind` ("device", "pinned_host"): only the arrays held
+    there (a sharding without a memory kind is in device memory)."""
+    return sum(shard_bytes(x, s) for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings))
+               if memory_kind is None or (s.memory_kind or "device") == memory_kind)
 
 
 def sharding_stats(tree, shardings, mesh: Mesh, ignore_axes: Iterable[str] = ("data",)) -> dict:
@@ -403,7 +406,10 @@ def layout_report(mesh: Mesh, params, param_shards, opt_state=None, opt_shards=N
              f"(ideal {st['ideal_per_device_bytes'] / gib:.3f}); not fully sharded: "
              f"{100 * st['not_fully_sharded_fraction']:.2f}% of bytes"]
     if opt_state is not None:
-        lines.append(f"optimizer state {per_device_bytes(opt_state, opt_shards) / gib:.3f} GiB per device")
+        on_host = per_device_bytes(opt_state, opt_shards, "pinned_host")
+        line = f"optimizer state {per_device_bytes(opt_state, opt_shards, 'device') / gib:.3f} GiB per device"
+        lines.append(line + (f"; optimizer (host) {on_host / gib:.3f} GiB per device in pinned_host memory"
+                             if on_host else ""))
     big = [(p, b, s) for p, b, s in st["partial"] if b >= 0.005 * st["total_bytes"]]
     for p, b, s in big[:10]:
         lines.append(f"  not fully sharded: {p} ({b / gib:.3f} GiB) spec {s}")

@@ -11,6 +11,9 @@ import ml_collections
 from ovjax.config import ConfigError
 from ovjax.configs.models import preset
 
+MU_DTYPES = ("float32", "bfloat16")
+OFFLOAD = ("none", "opt_state")
+
 
 def mesh_config(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
                 fsdp_across_hosts: bool = False) -> ml_collections.ConfigDict:
@@ -29,6 +32,8 @@ def optim_config(**kw) -> ml_collections.ConfigDict:
         frozen_dtype="",                    # "" | "bfloat16": frozen params held in bf16 (LoRA's base)
         # per-prefix peak learning rates; None = optim.lr
         groups=ml_collections.ConfigDict(dict(visual=None, merger=None, language_model=None)),
+        mu_dtype="float32",                 # Adam first moment: float32 | bfloat16 (halves mu; nu stays float32)
+        offload="none",                     # none | opt_state (Adam moments in pinned host memory between steps)
     ))
     cfg.update(kw)
     return cfg
@@ -124,6 +129,10 @@ def validate(cfg) -> None:
     for key, allowed in (("on_nonfinite", ("stop", "skip")), ("progress", ("auto", "bar", "lines"))):
         if t[key] not in allowed:
             raise ConfigError(f"train.{key} must be one of {allowed}, got {t[key]!r}")
+    for key, allowed in (("mu_dtype", MU_DTYPES), ("offload", OFFLOAD)):
+        v = cfg.optim.get(key, allowed[0])
+        if v not in allowed:
+            raise ConfigError(f"optim.{key} must be one of {allowed}, got {v!r}")
     if c.keep is not None and c.keep < 1:
         raise ConfigError(f"checkpoint.keep must be >= 1, got {c.keep}")
     if cfg.init.from_checkpoint and cfg.init.from_hf:

@@ -3,10 +3,17 @@ per-group learning rates (spec/model.md section 7).
 
 Params are addressed by slash paths (`language_model/layers/q_proj/kernel`). Config (`optim` section):
   trainable: path prefixes that train (stage 1: ("merger",); later: the three towers), or "lora" = every
-  LoRA adapter leaf (`*/lora_a`, `*/lora_b`, ovjax/models/lora.py); frozen: prefixes (or "lora") excluded again (e.g. "visual/class_pos_emb"); groups: {prefix: lr or None} (None = optim.lr; the longest
+  LoRA adapter leaf (`*/lora_a`, `*/lora_b`, ovjax/models/lora.py); frozen: prefixes (or "lora") excluded
+  again (e.g. "visual/class_pos_emb"); groups: {prefix: lr or None} (None = optim.lr; the longest
   matching prefix wins); lr, min_lr, warmup_fraction (or warmup_steps >= 0), b1, b2, eps, weight_decay,
-  clip_norm, frozen_dtype ("" or "bfloat16": frozen params held in bf16, e.g. a LoRA run's base).
-  Weight decay applies to matrices only (kernels, embeddings), not to norms, biases, CLS.
+  clip_norm, frozen_dtype ("" or "bfloat16": frozen params held in bf16, e.g. a LoRA run's base), mu_dtype,
+  offload (ovjax/train/state.py). Weight decay applies to matrices only (kernels, embeddings), not to norms,
+  biases, CLS.
+
+mu_dtype="bfloat16" stores Adam's first moment in bf16 (big_vision does the same): with b1=0.9 each update
+moves mu by 10% of the gradient, far above bf16's rounding step (8 mantissa bits, ~0.4% of the value). The
+second moment stays float32 on purpose: with b2 near 1 (0.95-0.999) its (1-b2)*g^2 increments fall under that
+step and a bf16 nu would stop moving.
 
 Only trainable params enter the optimizer: frozen ones carry no optimizer state and get no gradient.
 """
@@ -21,6 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from ovjax.config import ConfigError
+from ovjax.train.config import MU_DTYPES
 from ovjax.models import lora
 
 DECAYED_LEAVES = ("kernel", "embed_tokens", "lm_head", *lora.LEAVES)
@@ -129,8 +138,17 @@ def schedule(peak: float, floor: float, warmup: int, total_steps: int) -> Callab
     return lr
 
 
+def mu_dtype(optim_cfg):
+    """optim.mu_dtype -> the jnp dtype of Adam's first moment; ConfigError for another name."""
+    name = optim_cfg.get("mu_dtype", "float32")
+    if name not in MU_DTYPES:
+        raise ConfigError(f"optim.mu_dtype must be one of {MU_DTYPES}, got {name!r}")
+    return jnp.dtype(name)
+
+
 def make_optimizer(optim_cfg, trainable_params, total_steps: int):
     """-> (optax transformation over the trainable nested dict, {group: schedule})."""
+    mu = mu_dtype(optim_cfg)
     groups = group_lrs(optim_cfg)
     warm = warmup_steps(optim_cfg, total_steps)
     scheds = {g: schedule(lr, float(optim_cfg.min_lr), warm, total_steps) for g, lr in groups.items()}
@@ -143,7 +161,7 @@ def make_optimizer(optim_cfg, trainable_params, total_steps: int):
 
     def group_tx(g):
         return optax.chain(
-            optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+            optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, mu_dtype=mu),
             optax.add_decayed_weights(optim_cfg.weight_decay, mask=decay_mask),
             optax.scale_by_learning_rate(scheds[g]),
         )

@@ -2,8 +2,14 @@
 
 TrainState: step int32 (), params (the whole model, float32 unless model.param_dtype or, for the frozen
 ones, optim.frozen_dtype says otherwise),
-opt_state (optax state over the trainable params only; float32). Compute dtype is model.dtype (bf16 for
-the big presets): the model casts weights per matmul, params and optimizer state stay float32.
+opt_state (optax state over the trainable params only; float32, Adam's first moment bf16 with
+optim.mu_dtype=bfloat16). Compute dtype is model.dtype (bf16 for the big presets): the model casts weights
+per matmul, params and optimizer state stay float32.
+
+optim.offload="opt_state": the optimizer state's shardings have memory kind `pinned_host`, so between steps
+the moments live in host memory; the step (ovjax/train/step.py) copies them to the device for the update
+and back. Only the optimizer state: the params are read by the forward pass, so keeping them on the host
+between steps would not lower the step's peak.
 
 `Setup` holds everything static about a run that the step and the checkpointer need: the mesh, the
 optimizer, the trainable paths, the abstract state and its shardings. Building it allocates nothing.
@@ -21,8 +27,10 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ovjax import sharding
+from ovjax.config import ConfigError
 from ovjax.models import vlm
 from ovjax.train import optim
+from ovjax.train.config import OFFLOAD
 
 
 @struct.dataclass
@@ -63,11 +71,37 @@ def build(cfg, mesh: Mesh) -> Setup:
     opt_abs = jax.eval_shape(tx.init, trainable_abs)
     trainable_shards, _ = optim.split(param_shards, paths)
     opt_shards = sharding.match_shardings(opt_abs, trainable_abs, trainable_shards, mesh)
+    if offloads_opt_state(cfg):
+        kind = host_memory_kind()
+        opt_shards = jax.tree_util.tree_map(lambda s: s.with_memory_kind(kind), opt_shards)
     replicated = NamedSharding(mesh, P())
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abs, opt_state=opt_abs)
     shards = TrainState(step=replicated, params=param_shards, opt_state=opt_shards)
     return Setup(cfg=cfg, model_cfg=model_cfg, mesh=mesh, tx=tx, schedules=schedules, trainable=tuple(paths),
                  abstract=abstract, shardings=shards, param_names=sharding.logical_names(boxed))
+
+
+def offloads_opt_state(cfg) -> bool:
+    """optim.offload -> whether the optimizer state lives in host memory; ConfigError for another value."""
+    v = cfg.optim.get("offload", "none")
+    if v not in OFFLOAD:
+        raise ConfigError(f"optim.offload must be one of {OFFLOAD}, got {v!r}")
+    return v == "opt_state"
+
+
+def host_memory_kind(device=None) -> str:
+    """"pinned_host" where `device` (default: the first) can address it; else ConfigError."""
+    device = device or jax.devices()[0]
+    kinds = [m.kind for m in device.addressable_memories()]
+    if "pinned_host" not in kinds:
+        raise ConfigError(f"optim.offload=opt_state needs memory kind pinned_host; {device.platform} devices "
+                          f"address {kinds}")
+    return "pinned_host"
+
+
+def device_shardings(tree):
+    """Shardings with memory kind `device` (where a host-offloaded state is computed on)."""
+    return jax.tree_util.tree_map(lambda s: s.with_memory_kind("device"), tree)
 
 
 def _fresh(setup: Setup, params) -> TrainState:

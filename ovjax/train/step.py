@@ -23,6 +23,9 @@ Non-finite updates: the step takes a traced bool `skip_nonfinite` (one program s
 is true, an update with a non-finite loss or gradient norm is replaced by the old params and optimizer state
 (the step counter still advances). The loop stops the run instead when it is false.
 
+Optimizer state in host memory (optim.offload=opt_state, ovjax/train/state.py): the state enters and leaves
+the step in `pinned_host`; inside, it is copied to the device for the update and back (`make_step_fn`).
+
 `TrainStep` is THE compiled step: `python -m ovjax train` (via `build`, memoized per config), the tests and
 the benchmarks all call it; it also holds the jitted random init of the state (`init`).
 """
@@ -112,18 +115,25 @@ def make_loss(setup: Setup):
 
 
 def make_step_fn(setup: Setup):
-    """The un-jitted step: (state, batch) -> (state, metrics)."""
+    """The un-jitted step: (state, batch, skip_nonfinite) -> (state, metrics), states in setup.shardings.
+
+    With optim.offload=opt_state the optimizer state arrives in pinned host memory: it is copied to the device
+    for the update (placed after the gradients in the program; when the copy runs is XLA's schedule) and the
+    kept state is copied back. The choice between the new and the old state is made on the device, so no
+    conditional works on host buffers."""
     m = int(setup.cfg.train.micro_batches)
     mesh = setup.mesh
     loss_fn = make_loss(setup)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     paths = list(setup.trainable)
     trainable_shards, _ = optim.split(setup.shardings.params, paths)
+    offload = state_lib.offloads_opt_state(setup.cfg)
+    opt_on_device = state_lib.device_shardings(setup.shardings.opt_state)
 
     def constrain_grads(g):
         return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, g, trainable_shards)
 
-    def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
+    def step(state: TrainState, batch, skip_nonfinite) -> tuple[TrainState, dict[str, Any]]:
         with sharding.activation_rules(mesh):
             trainable, frozen = optim.split(state.params, paths)
             supervised = jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -144,36 +154,31 @@ def make_step_fn(setup: Setup):
                 (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
             grads = constrain_grads(grads)
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = setup.tx.update(grads, state.opt_state, trainable)
+            old_opt = state.opt_state
+            if offload:
+                old_opt = jax.tree_util.tree_map(jax.device_put, old_opt, opt_on_device)
+            updates, opt_state = setup.tx.update(grads, old_opt, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            new_state = TrainState(step=state.step + 1, params=optim.merge(trainable, frozen), opt_state=opt_state)
             loss = loss_sum / denom
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            # drop a non-finite update when asked: a conditional, not an elementwise select, so no pass over
+            # the params when the update is taken
+            take = finite | jnp.logical_not(skip_nonfinite)
+            params, opt_state = jax.lax.cond(take, lambda a, b: a, lambda a, b: b,
+                                             (optim.merge(trainable, frozen), opt_state), (state.params, old_opt))
+            if offload:
+                opt_state = jax.tree_util.tree_map(jax.device_put, opt_state, setup.shardings.opt_state)
             metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": supervised,
-                       "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
-                       "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+                       "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)), "finite": finite,
+                       "samples": jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32),
+                       "images": (jnp.sum(jnp.max(batch["patch_segment"], axis=1)).astype(jnp.float32)
+                                  if "patch_segment" in batch else jnp.zeros((), jnp.float32))}
             for g, sched in setup.schedules.items():
                 metrics["lr" if g == "default" else f"lr/{g}"] = sched(state.step)
             if "lr" not in metrics:  # every trainable param sits in a named group
                 metrics["lr"] = next(iter(setup.schedules.values()))(state.step)
-        return new_state, metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
     return step
-
-
-def with_nonfinite_guard(step):
-    """(state, batch) -> (state, metrics) ==> (state, batch, skip_nonfinite) -> (state, metrics): drop a
-    non-finite update when `skip_nonfinite`; add the batch's sample and image counts to the metrics."""
-    def guarded(state: TrainState, batch, skip_nonfinite):
-        new, m = step(state, batch)
-        take = m["finite"] | jnp.logical_not(skip_nonfinite)
-        # a conditional, not an elementwise select: no pass over the params when the update is taken
-        params, opt_state = jax.lax.cond(take, lambda a, b: a, lambda a, b: b,
-                                         (new.params, new.opt_state), (state.params, state.opt_state))
-        m = dict(m)
-        m["samples"] = jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32)
-        m["images"] = (jnp.sum(jnp.max(batch["patch_segment"], axis=1)).astype(jnp.float32)
-                       if "patch_segment" in batch else jnp.zeros((), jnp.float32))
-        return TrainState(step=new.step, params=params, opt_state=opt_state), m
-    return guarded
 
 
 class TrainStep:
@@ -191,7 +196,7 @@ class TrainStep:
                              for k, v in structs.items()}
         self._replicated = NamedSharding(setup.mesh, P())
         self._flags = {}
-        self._jit = jax.jit(with_nonfinite_guard(make_step_fn(setup)),
+        self._jit = jax.jit(make_step_fn(setup),
                             in_shardings=(setup.shardings, self.batch_shardings, self._replicated),
                             out_shardings=(setup.shardings, self._replicated), donate_argnums=(0,),
                             compiler_options=compiler_options)
