@@ -26,7 +26,7 @@ def get_config(arg: str = "tiny"):
     cfg.optim.update(dict(trainable=("lora", "merger"), frozen=(), lr=2e-4, min_lr=2e-5, weight_decay=0.0))
     if cfg.model.name == "tiny":
         cfg.model.lora.update(dict(rank=8, alpha=16.0))
-        cfg.optim.update(dict(lr=3e-3, min_lr=3e-4))
+        cfg.optim.update(dict(lr=1e-2, min_lr=1e-3))
     else:
         cfg.optim.frozen_dtype = "bfloat16"
     return cfg
