@@ -16,8 +16,8 @@ One-device cases (issue 13; `--cases` names ending in `-1dev`, or `--one-device`
 4b and 8b at seq 8192, bf16 compute, full remat, as full fine-tuning (fp32 params, grads and Adam moments),
 with the light state (optim.mu_dtype=bfloat16), with the moments offloaded (optim.offload=opt_state) and
 with LoRA (configs/lora.py: rank 16 on every LLM projection, base frozen in bf16, projector trained). Each is
-compiled at 1 and 2 rows; peak(rows) is linear in rows (the per-row activations), so the largest rows per
-micro-batch that fit a budget (80 GiB: A800/A100/H100-80GB; 141 GiB: H200) follow from the two compiles.
+compiled at 1, 8 and 16 rows (`rows_that_fit`); the largest rows per micro-batch that fit a budget (80 GiB:
+A800/A100/H100-80GB; 141 GiB: H200) follow from them.
 With offload the moments live in host memory: `device_peak` leaves them out (a lower bound: it assumes the
 update streams them leaf by leaf; XLA:CPU compiles the device copies to nothing, so no upper bound is
 measured here).
@@ -67,7 +67,8 @@ def variant_of(name: str) -> str | None:
     """The stage-2 variant of a case name (`8b-s2-lora-1dev` -> lora; `8b-s2-fsdp8` -> full), else None."""
     parts = name.split("-")
     if len(parts) > 2 and parts[1] == "s2":
-        return parts[2] if parts[2] in VARIANTS else "full"
+        middle = "-".join(parts[2:-1]) if name.endswith("-1dev") else ""
+        return middle if middle in VARIANTS else "full"
     return "lora" if "lora" in parts else None
 
 
@@ -155,16 +156,27 @@ def run_case(name: str, rows: int | None = None) -> dict:
     return result
 
 
+PROBE_ROWS = (1, 8, 16)
+
+
 def rows_that_fit(name: str, log=print) -> dict:
-    """A one-device case compiled at 1 and 2 rows -> the 1-row numbers plus the per-row bytes and the largest
-    rows per micro-batch under each budget (device peak linear in rows; 0 = not even one row fits)."""
-    one = run_case(name, 1)
-    log(f"[memory] {name} 1 row: device peak {one['device_peak_bytes'] / GIB:.2f} GiB ({one['compile_s']} s)")
-    two = run_case(name, 2)
-    per_row = two["device_peak_bytes"] - one["device_peak_bytes"]
-    fixed = one["device_peak_bytes"] - per_row
-    one["per_row_bytes"], one["fixed_bytes"] = per_row, fixed
-    one["max_rows"] = {b: max(0, int((cap - fixed) // per_row)) if per_row > 0 else None
+    """A one-device case compiled at 1, 8 and 16 rows -> the 1-row numbers, the per-row bytes and the largest
+    rows per micro-batch under each budget. The step's peak is the larger of two phases: the update (params,
+    gradients, moments: no activations, so flat in rows) and the forward/backward (linear in rows), so the
+    slope comes from the two large probes and the 1-row peak is the floor: max rows = (budget - intercept) /
+    slope, 0 when not even one row fits."""
+    probes = {}
+    for rows in PROBE_ROWS:
+        probes[rows] = run_case(name, rows)
+        log(f"[memory] {name} {rows} row(s): device peak {probes[rows]['device_peak_bytes'] / GIB:.2f} GiB "
+            f"({probes[rows]['compile_s']} s)")
+    one, lo, hi = (probes[r] for r in PROBE_ROWS)
+    per_row = (hi["device_peak_bytes"] - lo["device_peak_bytes"]) / (PROBE_ROWS[2] - PROBE_ROWS[1])
+    intercept = lo["device_peak_bytes"] - PROBE_ROWS[1] * per_row
+    one["per_row_bytes"], one["intercept_bytes"] = int(per_row), int(intercept)
+    one["probe_peaks"] = {r: p["device_peak_bytes"] for r, p in probes.items()}
+    one["max_rows"] = {b: 0 if one["device_peak_bytes"] > cap else
+                       (max(1, int((cap - intercept) // per_row)) if per_row > 0 else None)
                        for b, cap in BUDGETS.items()}
     log(f"[memory] {name}: {per_row / GIB:.2f} GiB per row, max rows {one['max_rows']}")
     return one
@@ -173,13 +185,14 @@ def rows_that_fit(name: str, log=print) -> dict:
 def one_device_table(results: list[dict]) -> str:
     def g(x):
         return f"{x / GIB:.1f}"
-    lines = ["| case | trainable | params GiB | Adam moments GiB (where) | device peak, 1 row GiB | per row GiB "
-             "| max rows in 80 GiB | max rows in 141 GiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | trainable | params GiB | Adam moments GiB (where) | device peak GiB at 1 / 8 / 16 rows "
+             "| per row GiB | max rows in 80 GiB | max rows in 141 GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         where = "host" if r["optimizer_host_bytes"] else "device"
         mu = ", mu bf16" if r["mu_dtype"] == "bfloat16" else ""
         lines.append(f"| {r['case']} | {r['trainable_count'] / 1e9:.3f} B | {g(r['params_bytes'])} | "
-                     f"{g(r['optimizer_bytes'])} ({where}{mu}) | {g(r['device_peak_bytes'])} | "
+                     f"{g(r['optimizer_bytes'])} ({where}{mu}) | "
+                     f"{' / '.join(g(v) for v in r['probe_peaks'].values())} | "
                      f"{g(r['per_row_bytes'])} | {r['max_rows']['80GiB']} | {r['max_rows']['141GiB']} |")
     return "\n".join(lines)
 

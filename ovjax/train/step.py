@@ -157,15 +157,19 @@ def make_step_fn(setup: Setup):
             old_opt = state.opt_state
             if offload:
                 old_opt = jax.tree_util.tree_map(jax.device_put, old_opt, opt_on_device)
-            updates, opt_state = setup.tx.update(grads, old_opt, trainable)
-            trainable = optax.apply_updates(trainable, updates)
             loss = loss_sum / denom
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            # drop a non-finite update when asked: a conditional, not an elementwise select, so no pass over
-            # the params when the update is taken
             take = finite | jnp.logical_not(skip_nonfinite)
-            params, opt_state = jax.lax.cond(take, lambda a, b: a, lambda a, b: b,
-                                             (optim.merge(trainable, frozen), opt_state), (state.params, old_opt))
+
+            def update(g, opt, params):
+                updates, opt = setup.tx.update(g, opt, params)
+                return optax.apply_updates(params, updates), opt
+
+            # drop a non-finite update when asked. The update runs INSIDE the conditional, so the old and the new
+            # params + moments never exist side by side (a select after the update held both: 2x the state)
+            trainable, opt_state = jax.lax.cond(take, update, lambda g, opt, params: (params, opt),
+                                                grads, old_opt, trainable)
+            params = optim.merge(trainable, frozen)
             if offload:
                 opt_state = jax.tree_util.tree_map(jax.device_put, opt_state, setup.shardings.opt_state)
             metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": supervised,
