@@ -9,21 +9,15 @@ The model is the tiny preset made a little wider (about 0.6M parameters): text h
 two layers each. Its vocabulary size and special-token ids are placeholders here: the synthetic-data step
 (`ovjax.train.dataset.with_synthetic_data`) sets them from the tokenizer it trains, so they always match.
 Steps: stage 1 20 (projector), stage 1.5 200 (captions), stage 2 300 (questions), 8 rows x 256 tokens.
-Peak lr 3e-3 everywhere; warmup 10 steps in stages 1 and 1.5, 50 in stage 2 (was 10: issue 15, a fresh
-optimizer reaching 3e-3 in 10 steps left some runs image-blind for most of stage 2).
+Peak lr 3e-3 in stages 1 and 1.5 (warmup 10 steps), stage 2 peak 1e-3 with a 50-step warmup (issue 15).
 
-Measured with the 50-step stage-2 warmup, `python -m ovjax demo --seed N` on the 2-core CPU machine (AMD
-EPYC, AVX2 without AVX-512), 3 runs (seeds 0, 1, 2 from a fresh clone; seeds 3-4 not run yet): held-out colour
-100-100%, count 96.2-100%, shape 53.3-85.0%, position 50.0-82.5%; the same accuracies when every question is
-answered by free generation (ovjax.generate); the zero-image control within 2.5 points of chance. At stage 2's
-step 100 colour was already at 90-98% against 17% zero-image: every run left the image-blind state early.
-Wall time: seed 0 319 s on a quiet box (7m46s with the install); 565-671 s beside a test run.
-`XLA_FLAGS=--xla_cpu_max_isa=AVX2` is no other rounding on this CPU: stage 2 of seed 0 gave bit-identical
-losses with and without it (compared to step 140). Another rounding of stage 2 instead: seed 0's stage 2 on
-`--devices 2` (data=2 x fsdp=1; same stage-1.5 params, losses apart from step 50 on): 100 / 100 / 70.0 /
-65.0%, colour 90% at step 100, control at chance, stage 2 359 s (load ~7).
-Baseline, the old 10-step warmup, seed 0 on this machine: 100 / 98.8 / 80.0 / 50.0% (it passed here; the
-issue's failing machine gave 86.7 / 77.5 / 33.3 / 25.0%).
+Measured, `python -m ovjax demo --seed N` for N = 0..4 on the 2-core CPU machine (AMD EPYC, AVX2 without
+AVX-512), fresh clone, one run at a time: colour 100 / 100 / 100 / 100 / 25.8% (seed 4 FAILS: it never learns to
+use the image for colour), count 96.2-100%, shape 51.7-78.3%, position 50.0-76.2%, the zero-image control at
+chance, 336-403 s each. Stage 2 alone from seed 4's stage-1.5 params: 500 steps at 2e-3 gave colour 95.8%
+(500 at 1e-3: 84.2%); not yet measured on all seeds. Before: peak 3e-3 in stage 2 failed seed 3 (colour 24%
+with warmup 50, 48% with 100). `XLA_FLAGS=--xla_cpu_max_isa=AVX2` is no other rounding on this CPU
+(bit-identical); `--devices 2` is one. README, "The demo", has the table.
 """
 
 import ml_collections
