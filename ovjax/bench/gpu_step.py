@@ -6,6 +6,7 @@ patches), everything trainable, bf16 compute, attention `auto` (the Pallas kerne
 an H200/141 GB card and reports an out-of-memory error on smaller ones.
 
     python -m ovjax.bench.gpu_step [--smoke] [--json PATH]    # or through `bash launch/gpu_check.sh`
+    python -m ovjax.bench.gpu_step --optim offload=opt_state  # the same step, moments in host memory
 
 launch/gpu_check.sh runs it in its own process, so `peak_bytes_in_use` is this step's peak and not that of
 the attention benchmarks before it.
@@ -140,7 +141,9 @@ def run_config(smoke: bool):
     return cfg
 
 
-def run(smoke: bool = False, deadline: float = math.inf) -> dict:
+def run(smoke: bool = False, deadline: float = math.inf, optim: dict | None = None) -> dict:
+    """optim: `optim` section overrides, e.g. {"offload": "opt_state", "mu_dtype": "bfloat16"} (issue 13: run
+    with and without them on a GPU and compare `peak_bytes_in_use`)."""
     ensure_environment()
     import jax
 
@@ -151,6 +154,7 @@ def run(smoke: bool = False, deadline: float = math.inf) -> dict:
 
     smoke = smoke or jax.default_backend() == "cpu"
     cfg = run_config(smoke)
+    cfg.optim.update(dict(optim or {}))
     if smoke:
         cfg.model.attention_impl = "xla"
     t = cfg.train
@@ -159,7 +163,7 @@ def run(smoke: bool = False, deadline: float = math.inf) -> dict:
     out = {"device": str(devices[0]), "device_kind": devices[0].device_kind, "preset": cfg.model.name,
            "llm_layers": cfg.model.text.num_layers, "vit_layers": cfg.model.vision.depth, "seq_len": t.seq_len,
            "max_patches": t.max_patches, "dtype": cfg.model.dtype, "remat": cfg.model.remat,
-           "attention_impl": cfg.model.attention_impl}
+           "attention_impl": cfg.model.attention_impl, "optim_overrides": dict(optim or {})}
     t0 = time.perf_counter()
     setup = state_lib.build(cfg, mesh)
     state = state_lib.init_state(setup, jax.random.PRNGKey(0))
@@ -218,9 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ovjax.bench.gpu_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None, help="write the result here (also on failure: its error)")
+    p.add_argument("--optim", action="append", default=[], metavar="KEY=VALUE",
+                   help="optim override, repeatable: offload=opt_state, mu_dtype=bfloat16")
     args = p.parse_args(argv)
+    optim = {}
+    for item in args.optim:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("offload", "mu_dtype"):
+            p.error(f"--optim {item!r}: expected offload=... or mu_dtype=...")
+        optim[key] = value
     try:
-        res = run(smoke=args.smoke)
+        res = run(smoke=args.smoke, optim=optim)
     except Exception as e:  # the caller (gpu_check) reads the error from the JSON
         res = {"error": f"{type(e).__name__}: {e}"[:2000]}
     if args.json:
