@@ -23,7 +23,7 @@ from ovjax.configs import stage2
 def get_config(arg: str = "tiny"):
     cfg = stage2.get_config(arg or "tiny")
     cfg.model.lora.update(dict(rank=16, alpha=32.0))
-    cfg.optim.update(dict(trainable=("lora", "merger"), frozen=(), lr=2e-4, min_lr=2e-5, weight_decay=0.0))
+    cfg.optim.update(dict(trainable=("lora", "merger"), lr=2e-4, min_lr=2e-5, weight_decay=0.0))
     if cfg.model.name == "tiny":
         cfg.model.lora.update(dict(rank=8, alpha=16.0))
         cfg.optim.update(dict(lr=1e-2, min_lr=1e-3))
